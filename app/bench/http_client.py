@@ -1,0 +1,127 @@
+"""A closed-loop HTTP load client that runs in its own process (not inside the server's).
+
+``protocol="v1"`` posts JPEG bodies to ``/v1/detect``; ``protocol="v2"`` posts
+pre-processed FP32 tensors with the binary tensor extension to
+``/v2/models/{model}/infer`` (what Triton's perf_analyzer sends), so the same
+client measures edgebatch and a Triton server alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing as mp
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass
+class LoadResult:
+    ok: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    latencies_s: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+    timeline: list[tuple[float, float, int]] = field(default_factory=list)  # (t_done, latency, status)
+
+    @property
+    def rps(self) -> float:
+        return self.ok / self.seconds if self.seconds > 0 else 0.0
+
+
+def v2_body(tensor: np.ndarray, input_name: str = "images", output_name: str = "output0") -> tuple[bytes, dict[str, str]]:
+    header = {
+        "inputs": [{
+            "name": input_name,
+            "shape": list(tensor.shape),
+            "datatype": "FP32",
+            "parameters": {"binary_data_size": tensor.nbytes},
+        }],
+        "outputs": [{"name": output_name, "parameters": {"binary_data": True}}],
+    }
+    h = json.dumps(header).encode()
+    return h + np.ascontiguousarray(tensor, dtype=np.float32).tobytes(), {
+        "Inference-Header-Content-Length": str(len(h)),
+        "Content-Type": "application/octet-stream",
+    }
+
+
+async def _run(url: str, bodies: Sequence[tuple[bytes, dict[str, str]]], clients: int, duration_s: float,
+               warmup_s: float, max_requests: int | None, timeout_s: float) -> LoadResult:
+    import aiohttp
+
+    result = LoadResult()
+    t0 = time.perf_counter()
+    t_measure = t0 + warmup_s
+    t_end = t_measure + duration_s
+    sent = 0
+    conn = aiohttp.TCPConnector(limit=clients, force_close=False)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+
+        async def worker(wid: int) -> None:
+            nonlocal sent
+            i = wid
+            while True:
+                now = time.perf_counter()
+                if now >= t_end or (max_requests is not None and sent >= max_requests):
+                    return
+                body, headers = bodies[i % len(bodies)]
+                i += clients
+                start = time.perf_counter()
+                status = 0
+                try:
+                    async with session.post(url, data=body, headers=headers) as resp:
+                        await resp.read()
+                        status = resp.status
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    key = type(exc).__name__
+                    if start >= t_measure:
+                        result.errors[key] = result.errors.get(key, 0) + 1
+                        result.failed += 1
+                    continue
+                done = time.perf_counter()
+                if start >= t_measure:
+                    sent += 1
+                    result.timeline.append((done - t_measure, done - start, status))
+                    if status == 200:
+                        result.ok += 1
+                        result.latencies_s.append(done - start)
+                    else:
+                        result.failed += 1
+                        result.errors[f"HTTP {status}"] = result.errors.get(f"HTTP {status}", 0) + 1
+
+        await asyncio.gather(*(worker(w) for w in range(clients)))
+    result.seconds = min(time.perf_counter(), t_end) - t_measure if max_requests is None else time.perf_counter() - t_measure
+    return result
+
+
+def _child(conn, url, bodies, clients, duration_s, warmup_s, max_requests, timeout_s) -> None:
+    try:
+        res = asyncio.run(_run(url, bodies, clients, duration_s, warmup_s, max_requests, timeout_s))
+        conn.send(("ok", res))
+    except BaseException as exc:  # report to the parent instead of dying silently
+        conn.send(("error", repr(exc)))
+    finally:
+        conn.close()
+
+
+def run_load(url: str, bodies: Sequence[tuple[bytes, dict[str, str]]], *, clients: int = 8, duration_s: float = 10.0,
+             warmup_s: float = 2.0, max_requests: int | None = None, timeout_s: float = 60.0) -> LoadResult:
+    """Run the load from a separate process and return its measurements."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(child, url, list(bodies), clients, duration_s, warmup_s, max_requests, timeout_s), daemon=True)
+    proc.start()
+    child.close()
+    limit = warmup_s + duration_s + timeout_s + 30
+    if not parent.poll(limit):
+        proc.kill()
+        raise TimeoutError(f"load client did not finish within {limit:.0f} s")
+    kind, payload = parent.recv()
+    proc.join(timeout=10)
+    if kind != "ok":
+        raise RuntimeError(f"load client failed: {payload}")
+    return payload

@@ -1,0 +1,69 @@
+"""The ``edgebatch`` command line.
+
+Each command group lives in ``app/commands/<group>.py`` and exposes
+``register(subparsers)``; handlers take the parsed ``argparse.Namespace`` and
+return an exit code. An ``EdgebatchError`` becomes one line on stderr and exit
+code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from app.errors import EdgebatchError
+
+COMMAND_MODULES = (
+    "app.commands.serve",
+    "app.commands.models",
+    "app.commands.bench",
+    "app.commands.demo",
+    "app.commands.batch",
+    "app.commands.streams",
+)
+
+
+def _quiet_env() -> None:
+    for key, value in (
+        ("RAY_USAGE_STATS_ENABLED", "0"),
+        ("MLFLOW_DISABLE_TELEMETRY", "true"),
+        ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
+    ):
+        os.environ.setdefault(key, value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgebatch",
+        description="Adaptive batched inference on edge clusters, on Ray Serve.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_env()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except EdgebatchError as exc:
+        print(f"edgebatch: error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

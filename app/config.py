@@ -1,0 +1,84 @@
+"""Declarative configuration, validated when loaded, with errors that name the field.
+
+``DetectorConfig`` is the ``user_config`` of the detector deployment: changing it
+in the Serve config and running ``serve deploy`` again reconfigures live replicas
+(batch size, timeout, thresholds, model alias) without restarting them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from app.errors import ConfigError
+
+Backend = Literal["onnx", "tensorrt", "tflite", "edgetpu"]
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class DetectorConfig(BaseModel):
+    """What one detector serves and how it batches (Triton's model config, in spirit)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("demo-detector", description="registered model name in the MLflow repository")
+    version: str | None = Field(None, description="pin a model version; wins over alias")
+    alias: str | None = Field("production", description="follow this registry alias when no version is pinned")
+    backend: Backend = "onnx"
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16], description="variants that may be loaded")
+    max_batch_size: int = Field(8, ge=1, description="largest batch the batcher forms (Serve set_max_batch_size)")
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=10.0, description="how long a partial batch waits for more")
+    resident_variants: int = Field(2, ge=1, le=8, description="variants kept loaded at once when memory allows")
+    conf_threshold: float = Field(0.25, ge=0.0, le=1.0)
+    iou_threshold: float = Field(0.45, ge=0.0, le=1.0)
+    max_detections: int = Field(300, ge=1, le=10000)
+    layout: Literal["auto", "yolov8", "yolov5"] = "auto"
+    labels: list[str] | None = Field(None, description="class names; default from the model version's tags")
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
+    intra_op_threads: int | None = Field(None, ge=1, description="ONNX Runtime threads per engine")
+    alias_poll_s: float = Field(5.0, ge=0.0, description="how often to check whether the alias moved (0 = never)")
+    tracking_uri: str | None = Field(None, description="MLflow URI; default MLFLOW_TRACKING_URI or the local state folder")
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, v: str) -> str:
+        if not MODEL_NAME_RE.match(v) or ".." in v:
+            raise ValueError("must be letters, digits, '_', '-', '.'; no path separators or '..'")
+        return v
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _sizes(cls, v: list[int]) -> list[int]:
+        if not v or any(s < 1 for s in v):
+            raise ValueError("must be a non-empty list of positive integers")
+        return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _max_in_range(self) -> "DetectorConfig":
+        if self.max_batch_size > max(self.batch_sizes):
+            raise ValueError(
+                f"max_batch_size {self.max_batch_size} exceeds the largest variant in batch_sizes "
+                f"{self.batch_sizes}; add a larger variant or lower max_batch_size"
+            )
+        return self
+
+    def variant_for(self, n: int) -> int:
+        """Smallest allowed variant batch size that holds ``n`` items."""
+        for s in self.batch_sizes:
+            if s >= n:
+                return s
+        return self.batch_sizes[-1]
+
+
+def parse_config(model: type[BaseModel], data: dict[str, Any] | None, where: str = "config") -> Any:
+    """Validate ``data`` into ``model``; a ``ConfigError`` names every bad field."""
+    try:
+        return model.model_validate(data or {})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            problems.append(f"{where}.{loc}: {err['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,202 @@
+"""The detector as named hooks (in the manner of LitServe's LitAPI).
+
+``decode_request`` (pre-process) -> ``batch`` -> ``predict`` (engine) ->
+``unbatch`` (decode boxes + NMS) -> ``encode_response``. The Ray Serve
+deployment only schedules these hooks; everything here runs without Ray.
+
+Variants: one engine per fixed batch size. ``VariantPool`` keeps a few
+resident, picks the smallest loaded one that holds a formed batch, and swaps
+atomically: a new variant is loaded and warmed beside the old one before any
+batch is routed to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from app.config import DetectorConfig
+from app.engines.base import Engine, ModelVariant, run_padded
+from app.errors import EdgebatchError, PayloadTooLarge, Unavailable
+from app.pipeline import Detection, PreparedImage, postprocess, prepare, stack
+
+log = logging.getLogger(__name__)
+
+VariantLoader = Callable[[int], tuple[Engine, ModelVariant]]
+
+
+@dataclass
+class LoadedVariant:
+    engine: Engine
+    variant: ModelVariant
+    loaded_at: float = field(default_factory=time.time)
+    load_s: float = 0.0
+    output_shape: tuple[int, ...] = ()
+
+    @property
+    def batch_size(self) -> int:
+        return self.engine.batch_size
+
+
+class VariantPool:
+    """Engines keyed by batch size; loads beside, warms, then publishes in one assignment."""
+
+    def __init__(self, loader: VariantLoader, max_resident: int = 2) -> None:
+        self._loader = loader
+        self.max_resident = max_resident
+        self._loaded: dict[int, LoadedVariant] = {}
+        self._lock = threading.Lock()  # serialises loads, not inference
+
+    @property
+    def loaded(self) -> dict[int, LoadedVariant]:
+        return dict(self._loaded)
+
+    def ensure(self, batch_size: int) -> LoadedVariant:
+        """Load (and warm) the variant for ``batch_size`` unless resident; raise Unavailable on failure."""
+        current = self._loaded.get(batch_size)
+        if current is not None:
+            return current
+        with self._lock:
+            current = self._loaded.get(batch_size)
+            if current is not None:
+                return current
+            t0 = time.perf_counter()
+            try:
+                engine, variant = self._loader(batch_size)
+                warm = np.zeros(engine.input_shape, dtype=np.float32)
+                out_shape = tuple(int(d) for d in engine.run(warm)[0].shape)
+            except EdgebatchError:
+                raise
+            except (MemoryError, RuntimeError, OSError) as exc:
+                raise Unavailable(f"could not load the batch-{batch_size} variant: {exc}") from exc
+            lv = LoadedVariant(engine, variant, load_s=time.perf_counter() - t0, output_shape=out_shape)
+            self._loaded = {**self._loaded, batch_size: lv}  # atomic publish
+            return lv
+
+    def pick(self, n: int) -> LoadedVariant:
+        """Smallest resident variant that holds ``n`` items, else the largest resident one."""
+        loaded = self._loaded
+        if not loaded:
+            raise Unavailable("no model variant is loaded yet; the detector is still starting")
+        fitting = [s for s in loaded if s >= n]
+        return loaded[min(fitting)] if fitting else loaded[max(loaded)]
+
+    def retire(self, keep: Sequence[int]) -> list[LoadedVariant]:
+        """Unpublish variants not in ``keep`` (most recent first, up to max_resident); caller closes them
+        once in-flight batches are done."""
+        with self._lock:
+            keep_set = [s for s in keep if s in self._loaded][: self.max_resident]
+            gone = [lv for s, lv in self._loaded.items() if s not in keep_set]
+            self._loaded = {s: lv for s, lv in self._loaded.items() if s in keep_set}
+            return gone
+
+    def close(self) -> None:
+        for lv in self.retire([]):
+            lv.engine.close()
+
+
+@dataclass
+class BatchResult:
+    """What one item of a batch gets back: detections or its own error, plus timings."""
+
+    detections: list[Detection] | None
+    error: EdgebatchError | None
+    variant: ModelVariant | None
+    batch_size: int
+    timings: dict[str, float]
+
+
+class Detector:
+    """The pipeline hooks for one model; owned by a deployment replica or a local process."""
+
+    def __init__(
+        self,
+        config: DetectorConfig,
+        loader: VariantLoader,
+        *,
+        labels: Sequence[str],
+        input_size: tuple[int, int],
+    ) -> None:
+        self.config = config
+        self.labels = list(labels)
+        self.input_size = input_size
+        self.pool = VariantPool(loader, max_resident=config.resident_variants)
+
+    # -- lifecycle -------------------------------------------------------
+    def setup(self, batch_size: int | None = None) -> LoadedVariant:
+        """Load and warm the variant for the configured max batch size."""
+        return self.pool.ensure(self.config.variant_for(batch_size or self.config.max_batch_size))
+
+    # -- hooks -----------------------------------------------------------
+    def decode_request(self, body: bytes) -> PreparedImage:
+        if len(body) > self.config.max_body_bytes:
+            raise PayloadTooLarge(
+                f"body of {len(body)} bytes exceeds max_body_bytes={self.config.max_body_bytes}; "
+                "send a smaller image or raise max_body_bytes in the deployment's user_config"
+            )
+        t0 = time.perf_counter()
+        item = prepare(body, self.input_size)
+        item.timings["preprocess_s"] = time.perf_counter() - t0
+        return item
+
+    def batch(self, items: Sequence[PreparedImage]) -> np.ndarray:
+        return stack(items)
+
+    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, LoadedVariant]:
+        lv = self.pool.pick(batch.shape[0])
+        size = lv.batch_size
+        if batch.shape[0] <= size:
+            return run_padded(lv.engine, batch)[0], lv
+        chunks = [run_padded(lv.engine, batch[i : i + size])[0] for i in range(0, batch.shape[0], size)]
+        return np.concatenate(chunks, axis=0), lv
+
+    def unbatch(self, output: np.ndarray, items: Sequence[PreparedImage]) -> list[list[Detection]]:
+        c = self.config
+        return postprocess(
+            output,
+            [it.letterbox for it in items],
+            self.labels,
+            conf=c.conf_threshold,
+            iou=c.iou_threshold,
+            max_det=c.max_detections,
+            layout=c.layout,
+        )
+
+    def encode_response(self, result: BatchResult) -> dict:
+        v = result.variant
+        return {
+            "model": v.name if v else self.config.model,
+            "version": v.version if v else None,
+            "backend": v.backend if v else self.config.backend,
+            "batch_size": result.batch_size,
+            "detections": [d.to_json() for d in (result.detections or [])],
+            "timings_ms": {k.removesuffix("_s"): round(val * 1000, 3) for k, val in result.timings.items()},
+        }
+
+    # -- the batch stage as one call ----------------------------------
+    def run_batch(self, items: Sequence[PreparedImage], enqueued_at: Sequence[float] | None = None) -> list[BatchResult]:
+        """Engine + post-processing for a formed batch; a failure fails the batch's items with the error."""
+        t_start = time.perf_counter()
+        queue_s = [t_start - t for t in enqueued_at] if enqueued_at else [0.0] * len(items)
+        try:
+            output, lv = self.predict(self.batch(items))
+            t_inf = time.perf_counter()
+            dets = self.unbatch(output, items)
+            t_post = time.perf_counter()
+        except EdgebatchError as exc:
+            return [BatchResult(None, exc, None, len(items), dict(it.timings)) for it in items]
+        results = []
+        for it, d, q in zip(items, dets, queue_s):
+            timings = {
+                "queue_s": max(q, 0.0),
+                "preprocess_s": it.timings.get("preprocess_s", 0.0),
+                "inference_s": t_inf - t_start,
+                "postprocess_s": t_post - t_inf,
+            }
+            results.append(BatchResult(d, None, lv.variant, lv.batch_size, timings))
+        return results

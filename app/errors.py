@@ -1,0 +1,46 @@
+"""Errors that carry an HTTP status and teach the fix.
+
+Every layer raises these; the HTTP ingress turns them into a JSON body
+``{"error": message}`` with ``status``, the CLI prints ``message`` and exits 2.
+"""
+
+from __future__ import annotations
+
+
+class EdgebatchError(Exception):
+    """Base error: ``status`` is the HTTP status the ingress answers with."""
+
+    status: int = 500
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+
+    def to_json(self) -> dict:
+        return {"error": self.message}
+
+
+class BadRequest(EdgebatchError):
+    status = 400
+
+
+class NotFound(EdgebatchError):
+    status = 404
+
+
+class PayloadTooLarge(EdgebatchError):
+    status = 413
+
+
+class Unavailable(EdgebatchError):
+    """A dependency (registry, engine, device) is not there; the message says which."""
+
+    status = 503
+
+
+class ConfigError(EdgebatchError):
+    """A configuration field is wrong; the message names the field."""
+
+    status = 400

@@ -1,0 +1,172 @@
+"""The detector's stages as small functions: decode + letterbox -> batch -> engine -> boxes + NMS.
+
+Post-processing reads the output layouts of Ultralytics YOLOv8 (``(B, 4+nc, A)``,
+no objectness) and YOLOv5 (``(B, A, 5+nc)``, with objectness) ONNX exports, so a
+user's own exported YOLO model works; the demo detector uses the v8 layout.
+Boxes come back in the original image's pixel coordinates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from app.errors import BadRequest
+
+PAD_VALUE = 114
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """How an original image was fitted into the model input; inverts box coordinates."""
+
+    scale: float
+    pad_x: float
+    pad_y: float
+    orig_w: int
+    orig_h: int
+
+
+@dataclass(frozen=True)
+class Detection:
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in original pixels
+    score: float
+    class_id: int
+    label: str
+
+    def to_json(self) -> dict:
+        return {
+            "box": [round(v, 2) for v in self.box],
+            "score": round(self.score, 4),
+            "class_id": self.class_id,
+            "label": self.label,
+        }
+
+
+@dataclass
+class PreparedImage:
+    """One request after pre-processing: the model input row plus what undoes the letterbox."""
+
+    tensor: np.ndarray  # (3, H, W) float32 RGB 0..1
+    letterbox: Letterbox
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """JPEG/PNG/... bytes -> BGR uint8; a clear 400 for anything that is not an image."""
+    if not data:
+        raise BadRequest("empty request body: send a JPEG or PNG image as the body")
+    buf = np.frombuffer(data, dtype=np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if img is None:
+        raise BadRequest(
+            f"body is not a decodable image ({len(data)} bytes, starts with {data[:8]!r}): "
+            "send JPEG or PNG bytes with Content-Type image/jpeg or image/png"
+        )
+    if img.shape[0] * img.shape[1] > MAX_IMAGE_PIXELS:
+        raise BadRequest(f"image of {img.shape[1]}x{img.shape[0]} pixels is too large")
+    return img
+
+
+def letterbox(img: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, Letterbox]:
+    """Aspect-preserving resize into ``size`` (h, w), centred, padded with 114; BGR -> RGB CHW 0..1."""
+    h, w = img.shape[:2]
+    th, tw = size
+    scale = min(th / h, tw / w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    pad_y, pad_x = (th - nh) / 2, (tw - nw) / 2
+    top, left = int(round(pad_y - 0.1)), int(round(pad_x - 0.1))
+    canvas = np.full((th, tw, 3), PAD_VALUE, dtype=np.uint8)
+    resized = img if (nh, nw) == (h, w) else cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    canvas[top : top + nh, left : left + nw] = resized
+    # BGR->RGB, HWC->CHW, uint8->float32 0..1 in one pass
+    tensor = cv2.dnn.blobFromImage(canvas, scalefactor=1 / 255.0, swapRB=True)[0]
+    return tensor, Letterbox(scale=scale, pad_x=left, pad_y=top, orig_w=w, orig_h=h)
+
+
+def prepare(data: bytes | np.ndarray, size: tuple[int, int]) -> PreparedImage:
+    """Pre-processing stage for one request or frame."""
+    img = decode_image(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3:
+        raise BadRequest("expected a colour image (H, W, 3)")
+    tensor, lb = letterbox(img, size)
+    return PreparedImage(tensor=tensor, letterbox=lb)
+
+
+def stack(items: Sequence[PreparedImage]) -> np.ndarray:
+    """Batch stage: rows into one contiguous NCHW float32 array."""
+    return np.ascontiguousarray(np.stack([it.tensor for it in items]), dtype=np.float32)
+
+
+def detect_layout(output: np.ndarray, n_classes: int | None = None) -> str:
+    """Guess YOLOv8 (B, 4+nc, A) vs YOLOv5 (B, A, 5+nc) from the shape."""
+    if output.ndim != 3:
+        raise ValueError(f"expected a 3-D YOLO output, got shape {output.shape}")
+    _, d1, d2 = output.shape
+    if n_classes is not None:
+        if d1 == 4 + n_classes:
+            return "yolov8"
+        if d2 == 5 + n_classes:
+            return "yolov5"
+    return "yolov8" if d1 < d2 else "yolov5"
+
+
+def _candidates(pred: np.ndarray, layout: str, conf: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One image's raw prediction -> (boxes cxcywh, scores, class ids) above ``conf``."""
+    if layout == "yolov8":
+        p = pred.T  # (A, 4+nc)
+        cls_scores = p[:, 4:]
+    else:
+        p = pred  # (A, 5+nc)
+        cls_scores = p[:, 5:] * p[:, 4:5]
+    class_ids = cls_scores.argmax(axis=1)
+    scores = cls_scores[np.arange(len(class_ids)), class_ids]
+    keep = scores > conf
+    return p[keep, :4], scores[keep], class_ids[keep]
+
+
+def postprocess(
+    output: np.ndarray,
+    letterboxes: Sequence[Letterbox],
+    labels: Sequence[str],
+    *,
+    conf: float = 0.25,
+    iou: float = 0.45,
+    max_det: int = 300,
+    layout: str = "auto",
+) -> list[list[Detection]]:
+    """Decode boxes, class-aware NMS, undo the letterbox; one list per real (unpadded) image."""
+    if layout == "auto":
+        layout = detect_layout(output, len(labels) if labels else None)
+    results: list[list[Detection]] = []
+    for i, lb in enumerate(letterboxes):
+        boxes, scores, class_ids = _candidates(output[i], layout, conf)
+        if len(scores) == 0:
+            results.append([])
+            continue
+        xywh = boxes.copy()
+        xywh[:, 0] -= xywh[:, 2] / 2
+        xywh[:, 1] -= xywh[:, 3] / 2
+        keep = cv2.dnn.NMSBoxesBatched(
+            xywh.tolist(), scores.tolist(), class_ids.tolist(), conf, iou, top_k=max_det
+        )
+        keep = np.asarray(keep, dtype=np.int64).reshape(-1)[:max_det]
+        dets = []
+        for k in keep:
+            x, y, bw, bh = xywh[k]
+            x1 = (x - lb.pad_x) / lb.scale
+            y1 = (y - lb.pad_y) / lb.scale
+            x2 = (x + bw - lb.pad_x) / lb.scale
+            y2 = (y + bh - lb.pad_y) / lb.scale
+            x1, x2 = float(np.clip(x1, 0, lb.orig_w)), float(np.clip(x2, 0, lb.orig_w))
+            y1, y2 = float(np.clip(y1, 0, lb.orig_h)), float(np.clip(y2, 0, lb.orig_h))
+            cid = int(class_ids[k])
+            label = labels[cid] if cid < len(labels) else str(cid)
+            dets.append(Detection((x1, y1, x2, y2), float(scores[k]), cid, label))
+        dets.sort(key=lambda d: -d.score)
+        results.append(dets)
+    return results

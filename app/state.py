@@ -1,0 +1,49 @@
+"""The project-local state folder: registry database, artifacts, caches, logs.
+
+Default ``<cwd>/.edgebatch``; ``EDGEBATCH_HOME`` moves it. Passed around as a
+value (``StateDir``), never held globally.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StateDir:
+    root: Path
+
+    @classmethod
+    def default(cls) -> "StateDir":
+        return cls(Path(os.environ.get("EDGEBATCH_HOME", Path.cwd() / ".edgebatch")).resolve())
+
+    def ensure(self) -> "StateDir":
+        for p in (self.root, self.artifacts, self.cache, self.logs, self.videos):
+            p.mkdir(parents=True, exist_ok=True)
+        return self
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow.db"
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.mlflow_db}"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "mlartifacts"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def videos(self) -> Path:
+        return self.root / "videos"

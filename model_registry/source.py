@@ -1,0 +1,74 @@
+"""Where a replica's variants come from: the MLflow repository, through its per-node cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.config import DetectorConfig
+from app.engines import create_engine
+from app.engines.base import Engine, ModelVariant
+from app.state import StateDir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model version pinned for the life of one VariantPool."""
+
+    name: str
+    version: str
+    labels: list[str]
+    input_size: tuple[int, int]
+
+
+class RegistryModelSource:
+    """Resolves name + version/alias and loads one engine per batch size from the registry."""
+
+    def __init__(self, config: DetectorConfig, state: StateDir) -> None:
+        from model_registry.repository import ModelRepository
+
+        self.config = config
+        self.repo = ModelRepository(config.tracking_uri, state=state) if config.tracking_uri else ModelRepository.from_env(state)
+
+    def resolve(self) -> ResolvedModel:
+        c = self.config
+        version = self.repo.resolve(c.model, version=c.version, alias=None if c.version else c.alias)
+        variants = self.repo.list_variants(c.model, version=version)
+        labels = list(c.labels or [])
+        input_size: tuple[int, int] | None = None
+        for v in variants:
+            if not labels and v.tags.get("labels"):
+                labels = list(json.loads(v.tags["labels"]))
+            if v.backend == c.backend and len(v.input_shape) == 4:
+                shape = v.input_shape
+                input_size = (shape[2], shape[3]) if shape[1] in (1, 3) else (shape[1], shape[2])
+        if input_size is None:
+            input_size = (320, 320)
+        return ResolvedModel(c.model, version, labels, input_size)
+
+    def loader(self, model: ResolvedModel):
+        """A VariantLoader bound to one resolved version."""
+
+        def load(batch_size: int) -> tuple[Engine, ModelVariant]:
+            variant = self.repo.find(model.name, version=model.version, batch_size=batch_size, backend=self.config.backend)
+            options = {}
+            if self.config.intra_op_threads:
+                options["intra_op_num_threads"] = self.config.intra_op_threads
+            engine = create_engine(variant.backend, Path(variant.path), options=options)
+            log.info("loaded %s v%s batch %d (%s) from %s", model.name, model.version, batch_size, variant.backend, variant.path)
+            return engine, variant
+
+        return load
+
+
+def local_detector(config: DetectorConfig, state: StateDir | None = None):
+    """A Detector in this process, loading variants through the repository (bench, streams, tests)."""
+    from app.detector import Detector
+
+    source = RegistryModelSource(config, state or StateDir.default())
+    model = source.resolve()
+    return Detector(config, source.loader(model), labels=model.labels, input_size=model.input_size), model, source

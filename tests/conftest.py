@@ -1,0 +1,102 @@
+"""Shared fixtures: one state folder, one demo registry and ONE Ray instance for the whole session.
+
+The Ray instance is a ``ray.cluster_utils.Cluster`` (a head node here) so the
+multi-node tests can add and remove nodes on the same instance.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # throwaway test cluster on loopback
+
+from app.state import StateDir  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
+    """Poll ``predicate`` until truthy or fail naming ``what`` (a deadline, not a sleep-as-sync)."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture(scope="session")
+def state(tmp_path_factory) -> StateDir:
+    root = tmp_path_factory.mktemp("edgebatch-home")
+    os.environ["EDGEBATCH_HOME"] = str(root)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    return StateDir(Path(root)).ensure()
+
+
+@pytest.fixture(scope="session")
+def demo_repo(state):
+    """The session's MLflow repository (SQLite in the state folder) with the demo detector registered."""
+    from model_registry.demo import ensure_demo_model
+    from model_registry.repository import ModelRepository
+
+    repo = ModelRepository(state.tracking_uri, state=state)
+    version = ensure_demo_model(repo)
+    return repo, version
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(state):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    yield cluster
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_app(ray_cluster, demo_repo, state):
+    """The edgebatch application deployed from deployments/serve_config.yaml on a free port."""
+    import httpx
+
+    from deployments import launcher
+
+    port = free_port()
+    config = launcher.load_serve_config(None, state, port=port)
+    det = config["applications"][0]["deployments"][0]
+    det["user_config"]["alias_poll_s"] = 0.5
+    det["graceful_shutdown_timeout_s"] = 1
+    launcher.deploy(config)
+    launcher.wait_running(timeout_s=240)
+    base = f"http://127.0.0.1:{port}"
+
+    def ready():
+        try:
+            return httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(ready, 120, "the detector to be ready over HTTP")
+    return {"url": base, "port": port, "config": config}
