@@ -31,6 +31,7 @@ class DetectorConfig(BaseModel):
     max_batch_size: int = Field(8, ge=1, description="largest batch the batcher forms (Serve set_max_batch_size)")
     batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=10.0, description="how long a partial batch waits for more")
     resident_variants: int = Field(2, ge=1, le=8, description="variants kept loaded at once when memory allows")
+    engine_instances: int = Field(1, ge=1, le=16, description="engine instances per replica = concurrent batches (CME)")
     conf_threshold: float = Field(0.25, ge=0.0, le=1.0)
     iou_threshold: float = Field(0.45, ge=0.0, le=1.0)
     max_detections: int = Field(300, ge=1, le=10000)

@@ -13,6 +13,7 @@ batch is routed to it.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,23 +33,50 @@ VariantLoader = Callable[[int], tuple[Engine, ModelVariant]]
 
 @dataclass
 class LoadedVariant:
+    """One batch size's engine instances (Triton's instance group): concurrent batches each take one."""
+
     engine: Engine
     variant: ModelVariant
     loaded_at: float = field(default_factory=time.time)
     load_s: float = 0.0
     output_shape: tuple[int, ...] = ()
+    instances: list[Engine] = field(default_factory=list)
+    _free: "queue.SimpleQueue[Engine]" = field(default_factory=queue.SimpleQueue, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.instances:
+            self.instances = [self.engine]
+        for e in self.instances:
+            self._free.put(e)
 
     @property
     def batch_size(self) -> int:
         return self.engine.batch_size
 
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Run on a free instance; blocks while all instances are busy."""
+        engine = self._free.get()
+        try:
+            return run_padded(engine, batch)
+        finally:
+            self._free.put(engine)
+
+    def close(self) -> None:
+        """Wait for each instance to come back from its in-flight batch, then release it."""
+        for _ in self.instances:
+            self._free.get().close()
+
+    def memory_bytes(self) -> int:
+        return sum(e.memory_bytes() for e in self.instances)
+
 
 class VariantPool:
     """Engines keyed by batch size; loads beside, warms, then publishes in one assignment."""
 
-    def __init__(self, loader: VariantLoader, max_resident: int = 2) -> None:
+    def __init__(self, loader: VariantLoader, max_resident: int = 2, instances: int = 1) -> None:
         self._loader = loader
         self.max_resident = max_resident
+        self.instances = instances
         self._loaded: dict[int, LoadedVariant] = {}
         self._lock = threading.Lock()  # serialises loads, not inference
 
@@ -67,14 +95,17 @@ class VariantPool:
                 return current
             t0 = time.perf_counter()
             try:
-                engine, variant = self._loader(batch_size)
-                warm = np.zeros(engine.input_shape, dtype=np.float32)
-                out_shape = tuple(int(d) for d in engine.run(warm)[0].shape)
+                engines: list[Engine] = []
+                for _ in range(self.instances):
+                    engine, variant = self._loader(batch_size)
+                    engines.append(engine)
+                    warm = np.zeros(engine.input_shape, dtype=np.float32)
+                    out_shape = tuple(int(d) for d in engine.run(warm)[0].shape)
             except EdgebatchError:
                 raise
             except (MemoryError, RuntimeError, OSError) as exc:
                 raise Unavailable(f"could not load the batch-{batch_size} variant: {exc}") from exc
-            lv = LoadedVariant(engine, variant, load_s=time.perf_counter() - t0, output_shape=out_shape)
+            lv = LoadedVariant(engines[0], variant, load_s=time.perf_counter() - t0, output_shape=out_shape, instances=engines)
             self._loaded = {**self._loaded, batch_size: lv}  # atomic publish
             return lv
 
@@ -97,7 +128,7 @@ class VariantPool:
 
     def close(self) -> None:
         for lv in self.retire([]):
-            lv.engine.close()
+            lv.close()
 
 
 @dataclass
@@ -125,12 +156,23 @@ class Detector:
         self.config = config
         self.labels = list(labels)
         self.input_size = input_size
-        self.pool = VariantPool(loader, max_resident=config.resident_variants)
+        self.pool = VariantPool(loader, max_resident=config.resident_variants, instances=config.engine_instances)
 
     # -- lifecycle -------------------------------------------------------
     def setup(self, batch_size: int | None = None) -> LoadedVariant:
-        """Load and warm the variant for the configured max batch size."""
-        return self.pool.ensure(self.config.variant_for(batch_size or self.config.max_batch_size))
+        """Load and warm the variant for the configured max batch size, plus the smallest one when two
+        may stay resident (so a lone request is not padded to the full batch)."""
+        lv = self.pool.ensure(self.config.variant_for(batch_size or self.config.max_batch_size))
+        smallest = self.config.batch_sizes[0]
+        if self.pool.max_resident >= 2 and smallest not in self.pool.loaded:
+            self.pool.ensure(smallest)
+        return lv
+
+    def resident_preference(self, target: int) -> list[int]:
+        """Which variants to keep when trimming: the target, the smallest, then the nearest others."""
+        smallest = self.config.batch_sizes[0]
+        others = sorted((s for s in self.pool.loaded if s not in (target, smallest)), key=lambda s: abs(s - target))
+        return [target, smallest, *others] if smallest != target else [target, *others]
 
     # -- hooks -----------------------------------------------------------
     def decode_request(self, body: bytes) -> PreparedImage:
@@ -151,8 +193,8 @@ class Detector:
         lv = self.pool.pick(batch.shape[0])
         size = lv.batch_size
         if batch.shape[0] <= size:
-            return run_padded(lv.engine, batch)[0], lv
-        chunks = [run_padded(lv.engine, batch[i : i + size])[0] for i in range(0, batch.shape[0], size)]
+            return lv.run(batch)[0], lv
+        chunks = [lv.run(batch[i : i + size])[0] for i in range(0, batch.shape[0], size)]
         return np.concatenate(chunks, axis=0), lv
 
     def unbatch(self, output: np.ndarray, items: Sequence[PreparedImage]) -> list[list[Detection]]:

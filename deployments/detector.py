@@ -8,11 +8,12 @@ the next batch is already on the engine. ``max_ongoing_requests`` bounds the
 queue in front of the batcher.
 """
 
-from __future__ import annotations
+# no `from __future__ import annotations`: FastAPI must see real types (Request) on the routes
 
 import asyncio
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -46,6 +47,8 @@ class DetectorDeployment:
         self._state = StateDir.default()
         self._cpu_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="edgebatch-cpu")
         self._infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgebatch-engine")
+        self._batcher = self._make_batcher(1)
+        self._instances = 1
         self._detector: Detector | None = None
         self._model: ResolvedModel | None = None
         self._config: DetectorConfig | None = None
@@ -81,8 +84,13 @@ class DetectorDeployment:
             self._detector.config = config
             self._retire_unused(config)
         self._config = config
-        self._infer.set_max_batch_size(config.max_batch_size)
-        self._infer.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        if config.engine_instances != self._instances:
+            # a new batcher with that many concurrent batches; the old one drains what it holds
+            self._infer_pool = ThreadPoolExecutor(max_workers=config.engine_instances, thread_name_prefix="edgebatch-engine")
+            self._batcher = self._make_batcher(config.engine_instances)
+            self._instances = config.engine_instances
+        self._batcher.set_max_batch_size(config.max_batch_size)
+        self._batcher.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
     async def _swap_in(self, config: DetectorConfig, source: RegistryModelSource, model: ResolvedModel) -> None:
         """Load a (new) model version beside the serving one, warm it, then switch in one assignment."""
@@ -97,16 +105,15 @@ class DetectorDeployment:
             log.warning("could not record model usage: %s", exc)
         self._last_swap = {"to_version": model.version, "seconds": round(time.perf_counter() - t0, 3), "at": time.time()}
         if old is not None:
-            # closes run on the inference thread, so they happen after batches already queued there
-            self._infer_pool.submit(old.pool.close)
+            # each close waits for its engines to come back from in-flight batches
+            threading.Thread(target=old.pool.close, name="edgebatch-retire", daemon=True).start()
 
     def _retire_unused(self, config: DetectorConfig) -> None:
         assert self._detector is not None
         target = config.variant_for(config.max_batch_size)
         pool = self._detector.pool
-        keep = [target] + sorted((s for s in pool.loaded if s != target), key=lambda s: abs(s - target))
-        for lv in pool.retire(keep):
-            self._infer_pool.submit(lv.engine.close)
+        for lv in pool.retire(self._detector.resident_preference(target)):
+            threading.Thread(target=lv.close, name="edgebatch-retire", daemon=True).start()
 
     async def set_batch_size(self, max_batch_size: int, batch_wait_timeout_s: float | None = None) -> dict:
         """Operator/controller path: load the variant beside the others, then move the batcher to it.
@@ -147,12 +154,19 @@ class DetectorDeployment:
     def _deployment_id(self) -> str:
         try:
             ctx = serve.get_replica_context()
-            return f"{ctx.app_name}/{ctx.deployment}"
+            return f"{ctx.app_name}.{ctx.deployment}"
         except Exception:
             return "local"
 
     # -- the batch stage -------------------------------------------------
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    def _make_batcher(self, instances: int):
+        """Serve's batcher around ``_infer``; ``max_concurrent_batches`` = engine instances."""
+
+        async def infer_batch(rows: list[tuple[np.ndarray, float]]):
+            return await self._infer(rows)
+
+        return serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005, max_concurrent_batches=instances)(infer_batch)
+
     async def _infer(self, rows: list[tuple[np.ndarray, float]]) -> list[tuple[np.ndarray, Any, float, int, float]]:
         detector = self._detector
         if detector is None:
@@ -167,6 +181,21 @@ class DetectorDeployment:
         self._counters["items"] += n
         self._batch_sizes_seen[n] = self._batch_sizes_seen.get(n, 0) + 1
         return [(output[i], lv, inf_s, n, t_start - rows[i][1]) for i in range(n)]
+
+    async def infer_row(self, tensor: np.ndarray) -> dict[str, Any]:
+        """Handle entry for streams: one letterboxed frame (3, H, W) float32 into the shared batcher,
+        so frames of many streams and HTTP requests are batched together."""
+        self._require_detector()
+        row, lv, inf_s, n, queue_s = await self._batcher((np.asarray(tensor, dtype=np.float32), time.perf_counter()))
+        return {
+            "output": row,
+            "model": lv.variant.name,
+            "version": lv.variant.version,
+            "batch_size": lv.batch_size,
+            "items_in_batch": n,
+            "inference_s": inf_s,
+            "queue_s": max(queue_s, 0.0),
+        }
 
     async def _read_body(self, request: Request) -> bytes:
         limit = (self._config or DetectorConfig()).max_body_bytes
@@ -190,7 +219,7 @@ class DetectorDeployment:
             body = await self._read_body(request)
             loop = asyncio.get_running_loop()
             item = await loop.run_in_executor(self._cpu_pool, detector.decode_request, body)
-            row, lv, inf_s, n, queue_s = await self._infer((item.tensor, time.perf_counter()))
+            row, lv, inf_s, n, queue_s = await self._batcher((item.tensor, time.perf_counter()))
             t0 = time.perf_counter()
             dets = await loop.run_in_executor(self._cpu_pool, detector.unbatch, row[None], [item])
             timings = {
@@ -229,7 +258,8 @@ class DetectorDeployment:
                 loaded[str(size)] = {
                     "backend": lv.variant.backend,
                     "device": lv.engine.device,
-                    "memory_bytes": lv.engine.memory_bytes(),
+                    "memory_bytes": lv.memory_bytes(),
+                    "instances": len(lv.instances),
                     "load_s": round(lv.load_s, 3),
                     "sha256": lv.variant.sha256[:12],
                 }
@@ -263,7 +293,7 @@ class DetectorDeployment:
             platform="onnxruntime_onnx" if lv.variant.backend == "onnx" else lv.variant.backend,
             inputs=[TensorSpec("images", "FP32", [-1, 3, m.input_size[0], m.input_size[1]])],
             outputs=[TensorSpec("output0", "FP32", out_shape)],
-            max_batch_size=(self._config.max_batch_size if self._config else 8),
+            max_batch_size=max(self._config.batch_sizes) if self._config else 16,
         )
 
     def _check_model(self, name: str, version: str | None = None) -> None:
@@ -322,7 +352,7 @@ class DetectorDeployment:
             req = decode_infer_request(body, request.headers, sig)
             images = req.inputs["images"].astype(np.float32, copy=False)
             now = time.perf_counter()
-            rows = await asyncio.gather(*(self._infer((images[i], now)) for i in range(images.shape[0])))
+            rows = await asyncio.gather(*(self._batcher((images[i], now)) for i in range(images.shape[0])))
             output = np.stack([r[0] for r in rows])
             assert self._model is not None
             payload, headers = encode_infer_response(self._model.name, self._model.version, {"output0": output}, req)
