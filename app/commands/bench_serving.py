@@ -40,8 +40,13 @@ def add_serving_benches(bsub: argparse._SubParsersAction) -> None:
 
 
 def _local_detector(model: str, max_size: int):
+    from app.state import StateDir
+    from model_registry.demo import DEMO_MODEL, ensure_demo_model
+    from model_registry.repository import ModelRepository
     from model_registry.source import local_detector
 
+    if model == DEMO_MODEL:
+        ensure_demo_model(ModelRepository.from_env(StateDir.default().ensure()))
     config = DetectorConfig(model=model, max_batch_size=max_size, batch_sizes=[1, 2, 4, 8, 16] if max_size <= 16 else [max_size])
     detector, resolved, _ = local_detector(config)
     return detector, resolved
