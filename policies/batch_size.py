@@ -1,0 +1,559 @@
+"""Batch-size policies of the Adaptive Batch Controller.
+
+Pure decision functions: a window of measurements and the controller's state in,
+a decision and the next state out. Nothing here talks to Ray, a clock or a log, so
+every policy can be replayed on a recorded trace and checked offline.
+
+Policies (see ``docs/policies.md`` for the formulas):
+
+- ``algorithm1``: Kum et al., Sensors 2022, Algorithm 1. Raise to the next allowed
+  size while the real-time criterion ``d_batch < N / F`` holds and memory is below the
+  threshold, keep when memory is short, lower when the criterion is missed.
+- ``aimd``: Clipper (NSDI 2017). Additive increase while the objective holds,
+  multiplicative decrease on a miss, snapped down to an allowed size.
+- ``fixed``: always the configured size (the baseline to compare against).
+- ``throughput_aware`` (default): algorithm1 plus the measured throughput of each
+  size. A raise is a probe; it is kept only if the larger size gave at least
+  ``min_gain`` more items/s, else the controller steps back and settles. A settled
+  controller re-probes only when its own measurements drift or, if configured, after
+  a back-off that doubles each time the probe confirms the earlier verdict.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Literal
+
+Action = Literal["raise", "lower", "keep"]
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One measurement of the pipeline at the batch size in force.
+
+    ``d_batch_s`` is the whole time a batch spends in the pipeline (pre-processing,
+    inference, post-processing); ``fps`` is the stream rate F that fills batches.
+    """
+
+    batch_size: int
+    d_batch_s: float
+    fps: float
+    throughput: float
+    device_util: float | None = None
+    mem_used_bytes: int | None = None
+    mem_total_bytes: int | None = None
+    failed: bool = False
+    timestamp: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.fps > 0:
+            raise ValueError(f"fps must be > 0, got {self.fps}")
+        if self.d_batch_s < 0 or self.throughput < 0:
+            raise ValueError("d_batch_s and throughput must be >= 0")
+
+    @property
+    def mem_fraction(self) -> float | None:
+        """Fraction of device memory in use, or None when the device does not report it."""
+        if self.mem_used_bytes is None or not self.mem_total_bytes:
+            return None
+        return self.mem_used_bytes / self.mem_total_bytes
+
+    @property
+    def budget(self) -> RealTimeBudget:
+        return RealTimeBudget(self.batch_size, self.fps)
+
+
+@dataclass(frozen=True)
+class RealTimeBudget:
+    """The real-time criterion of a batch: N frames arrive in N / F seconds.
+
+    A batch that takes longer than that to go through the pipeline makes the queue
+    grow without bound, so ``d_batch < N / F`` is the condition for keeping up.
+    """
+
+    batch_size: int
+    fps: float
+
+    @staticmethod
+    def criterion(batch_size: int, fps: float) -> float:
+        """N / F in seconds."""
+        return batch_size / fps
+
+    @property
+    def criterion_s(self) -> float:
+        return self.criterion(self.batch_size, self.fps)
+
+    def margin_s(self, d_batch_s: float) -> float:
+        """N / F - d_batch: positive means time to spare."""
+        return self.criterion_s - d_batch_s
+
+    def is_met(self, d_batch_s: float) -> bool:
+        return d_batch_s < self.criterion_s
+
+    def worst_frame_latency_s(self, d_batch_s: float) -> float:
+        """The first frame of a batch waits (N - 1) / F for the others, then d_batch."""
+        return (self.batch_size - 1) / self.fps + d_batch_s
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Knobs shared by all batch-size policies."""
+
+    allowed_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
+    mem_threshold: float = 0.9
+    min_gain: float = 0.05
+    raise_after: int = 2
+    lower_after: int = 1
+    cooldown_windows: int = 1
+    aimd_step: float = 1.0
+    aimd_factor: float = 0.5
+    max_latency_s: float | None = None
+    start_size: int | None = None
+    drift_tolerance: float = 0.2
+    reprobe_after_windows: int | None = None
+
+    def __post_init__(self) -> None:
+        sizes = self.allowed_sizes
+        if not sizes or any(s < 1 for s in sizes) or list(sizes) != sorted(set(sizes)):
+            raise ValueError(f"allowed_sizes must be strictly increasing positive integers, got {sizes}")
+        if not 0 < self.mem_threshold <= 1:
+            raise ValueError(f"mem_threshold must be in (0, 1], got {self.mem_threshold}")
+        if self.min_gain < 0:
+            raise ValueError(f"min_gain must be >= 0, got {self.min_gain}")
+        if self.raise_after < 1 or self.lower_after < 1 or self.cooldown_windows < 0:
+            raise ValueError("raise_after and lower_after must be >= 1, cooldown_windows >= 0")
+        if self.aimd_step <= 0 or not 0 < self.aimd_factor < 1:
+            raise ValueError("aimd_step must be > 0 and aimd_factor in (0, 1)")
+        if self.max_latency_s is not None and self.max_latency_s <= 0:
+            raise ValueError(f"max_latency_s must be > 0, got {self.max_latency_s}")
+        if self.start_size is not None and self.start_size not in sizes:
+            raise ValueError(f"start_size {self.start_size} is not one of the allowed sizes {sizes}")
+        if self.drift_tolerance <= 0:
+            raise ValueError(f"drift_tolerance must be > 0, got {self.drift_tolerance}")
+        if self.reprobe_after_windows is not None and self.reprobe_after_windows < 1:
+            raise ValueError("reprobe_after_windows must be >= 1 or None")
+
+    @property
+    def initial_size(self) -> int:
+        return self.start_size if self.start_size is not None else self.allowed_sizes[0]
+
+    def size_above(self, n: int) -> int | None:
+        """The next allowed size above n, or None at the top."""
+        return next((s for s in self.allowed_sizes if s > n), None)
+
+    def size_below(self, n: int) -> int:
+        """The next allowed size below n (the smallest allowed size at the bottom)."""
+        below = [s for s in self.allowed_sizes if s < n]
+        return below[-1] if below else self.allowed_sizes[0]
+
+    def snap_down(self, target: float) -> int:
+        """The largest allowed size <= target (the smallest allowed size if none)."""
+        fits = [s for s in self.allowed_sizes if s <= target + 1e-9]
+        return fits[-1] if fits else self.allowed_sizes[0]
+
+
+@dataclass(frozen=True)
+class ControllerState:
+    """What a policy remembers between windows. Frozen: each decision returns a new one.
+
+    ``throughput`` is the best throughput measured per batch size (since the last
+    reset), as sorted ``(size, items_per_s)`` pairs. ``ceiling`` is the smallest size
+    the controller will not try again until a re-probe is due; ``probe_from`` is set
+    while the size in force is a probe above that smaller size.
+    """
+
+    current: int | None = None
+    windows: int = 0
+    raise_streak: int = 0
+    lower_streak: int = 0
+    cooldown: int = 0
+    throughput: tuple[tuple[int, float], ...] = ()
+    probe_from: int | None = None
+    ceiling: int | None = None
+    ceiling_reason: str = ""
+    reference_throughput: float | None = None
+    reference_fps: float | None = None
+    next_reprobe_at: int | None = None
+    reprobe_interval: int | None = None
+    aimd_target: float | None = None
+    last_action: Action = "keep"
+
+    def throughput_at(self, size: int) -> float | None:
+        return dict(self.throughput).get(size)
+
+    def with_throughput(self, size: int, items_per_s: float) -> ControllerState:
+        table = dict(self.throughput)
+        table[size] = max(items_per_s, table.get(size, 0.0))
+        return replace(self, throughput=tuple(sorted(table.items())))
+
+    def forget_throughput(self, keep: Callable[[int], bool]) -> ControllerState:
+        return replace(self, throughput=tuple((s, t) for s, t in self.throughput if keep(s)))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The batch size for the next window, and why, in words with the numbers."""
+
+    batch_size: int
+    action: Action
+    reason: str
+    policy: str
+    from_size: int = field(default=0)
+
+
+@dataclass(frozen=True)
+class WindowSummary:
+    """A window reduced to the figures the policies compare (observations at the size in force)."""
+
+    batch_size: int
+    fps: float
+    d_batch_s: float
+    worst_d_batch_s: float
+    throughput: float
+    mem_fraction: float | None
+    failed: bool
+    count: int
+
+    @property
+    def budget(self) -> RealTimeBudget:
+        return RealTimeBudget(self.batch_size, self.fps)
+
+    @property
+    def missed(self) -> bool:
+        """The mean batch delay misses N / F: the queue grows."""
+        return not self.budget.is_met(self.d_batch_s)
+
+    @property
+    def all_met(self) -> bool:
+        """Every batch of the window met N / F: the only ground for a raise."""
+        return self.budget.is_met(self.worst_d_batch_s)
+
+
+def summarize(window: Sequence[Observation]) -> WindowSummary:
+    """Reduce a window to the observations at the size in force (that of the last one)."""
+    if not window:
+        raise ValueError("summarize needs at least one observation")
+    n = window[-1].batch_size
+    at_n = [o for o in window if o.batch_size == n]
+    ok = [o for o in at_n if not o.failed]
+    mems = [m for m in (o.mem_fraction for o in at_n) if m is not None]
+    return WindowSummary(
+        batch_size=n,
+        fps=window[-1].fps,
+        d_batch_s=math.fsum(o.d_batch_s for o in ok) / len(ok) if ok else math.inf,
+        worst_d_batch_s=max((o.d_batch_s for o in ok), default=math.inf),
+        throughput=math.fsum(o.throughput for o in ok) / len(ok) if ok else 0.0,
+        mem_fraction=max(mems) if mems else None,
+        failed=any(o.failed for o in at_n),
+        count=len(at_n),
+    )
+
+
+BatchPolicy = Callable[[Sequence[Observation], ControllerState, PolicyConfig], tuple[Decision, ControllerState]]
+
+
+def _describe(w: WindowSummary) -> str:
+    b = w.budget
+    rel = "<" if b.is_met(w.d_batch_s) else ">="
+    mem = "memory n/a" if w.mem_fraction is None else f"memory {w.mem_fraction:.0%}"
+    return (
+        f"d_batch {w.d_batch_s:.3f} s {rel} N/F {b.criterion_s:.3f} s "
+        f"(N={w.batch_size}, F={w.fps:g} fps, margin {b.margin_s(w.d_batch_s):+.3f} s), "
+        f"{w.throughput:.1f} items/s, {mem}"
+    )
+
+
+def _slo_missed(w: WindowSummary, config: PolicyConfig) -> str | None:
+    if config.max_latency_s is None or w.failed:
+        return None
+    latency = w.budget.worst_frame_latency_s(w.d_batch_s)
+    if latency > config.max_latency_s:
+        return f"worst frame latency {latency:.3f} s > SLO {config.max_latency_s:.3f} s"
+    return None
+
+
+def _memory_short(w: WindowSummary, config: PolicyConfig) -> bool:
+    return w.mem_fraction is not None and w.mem_fraction >= config.mem_threshold
+
+
+def _tick(state: ControllerState, w: WindowSummary, config: PolicyConfig) -> ControllerState:
+    """Count the window and update streaks from its verdict."""
+    bad = w.failed or w.missed or _slo_missed(w, config) is not None
+    good = not bad and w.all_met
+    return replace(
+        state,
+        current=w.batch_size,
+        windows=state.windows + 1,
+        raise_streak=state.raise_streak + 1 if good else 0,
+        lower_streak=state.lower_streak + 1 if bad else 0,
+        cooldown=max(0, state.cooldown - 1),
+    )
+
+
+def _change(
+    name: str, state: ControllerState, w: WindowSummary, new: int, reason: str, config: PolicyConfig
+) -> tuple[Decision, ControllerState]:
+    if new == w.batch_size:
+        return Decision(new, "keep", reason, name, w.batch_size), replace(state, last_action="keep")
+    action: Action = "raise" if new > w.batch_size else "lower"
+    nxt = replace(
+        state,
+        current=new,
+        raise_streak=0,
+        lower_streak=0,
+        cooldown=config.cooldown_windows,
+        last_action=action,
+    )
+    return Decision(new, action, reason, name, w.batch_size), nxt
+
+
+def _keep(name: str, state: ControllerState, w: WindowSummary, reason: str) -> tuple[Decision, ControllerState]:
+    return Decision(w.batch_size, "keep", reason, name, w.batch_size), replace(state, last_action="keep")
+
+
+def _empty(name: str, state: ControllerState, config: PolicyConfig) -> tuple[Decision, ControllerState]:
+    size = state.current if state.current is not None else config.initial_size
+    return Decision(size, "keep", "no observations in this window", name, size), state
+
+
+def _failure_or_miss(
+    name: str, state: ControllerState, w: WindowSummary, config: PolicyConfig
+) -> tuple[Decision, ControllerState] | None:
+    """Shared safety rule: lower on a failed load at once, on a miss after ``lower_after`` windows."""
+    n = w.batch_size
+    slo = _slo_missed(w, config)
+    if w.failed:
+        down = config.size_below(n)
+        why = f"load or run failed at batch {n} (out of memory?)"
+    elif w.missed or slo:
+        if state.lower_streak < config.lower_after:
+            return _keep(name, state, w, f"{_describe(w)}: missed {state.lower_streak} of {config.lower_after} windows")
+        down = config.size_below(n)
+        why = slo if slo and not w.missed else _describe(w)
+    else:
+        return None
+    if down == n:
+        return _keep(name, state, w, f"{why}: already at the smallest allowed size {n}")
+    return _change(name, state, w, down, f"{why}: lower to {down}", config)
+
+
+def algorithm1(
+    window: Sequence[Observation], state: ControllerState, config: PolicyConfig
+) -> tuple[Decision, ControllerState]:
+    """Kum et al. Algorithm 1: raise while d_batch < N/F and memory < threshold, lower on a miss."""
+    name = "algorithm1"
+    if not window:
+        return _empty(name, state, config)
+    w = summarize(window)
+    state = _tick(state, w, config)
+    safety = _failure_or_miss(name, state, w, config)
+    if safety is not None:
+        return safety
+    n = w.batch_size
+    up = config.size_above(n)
+    if _memory_short(w, config):
+        return _keep(name, state, w, f"{_describe(w)} >= threshold {config.mem_threshold:.0%}: keep {n}")
+    if up is None:
+        return _keep(name, state, w, f"{_describe(w)}: at the largest allowed size {n}")
+    if state.cooldown > 0:
+        return _keep(name, state, w, f"{_describe(w)}: cooling down {state.cooldown} more window(s)")
+    if state.raise_streak < config.raise_after:
+        return _keep(name, state, w, f"{_describe(w)}: met {state.raise_streak} of {config.raise_after} windows")
+    return _change(name, state, w, up, f"{_describe(w)}: raise to {up}", config)
+
+
+def aimd(
+    window: Sequence[Observation], state: ControllerState, config: PolicyConfig
+) -> tuple[Decision, ControllerState]:
+    """Clipper's AIMD on a continuous target, snapped down to an allowed size."""
+    name = "aimd"
+    if not window:
+        return _empty(name, state, config)
+    w = summarize(window)
+    state = _tick(state, w, config)
+    n = w.batch_size
+    target = state.aimd_target if state.aimd_target is not None else float(n)
+    # The size in force may differ from the target (e.g. set from outside): trust the measurement.
+    if config.snap_down(target) != config.snap_down(n):
+        target = float(n)
+    slo = _slo_missed(w, config)
+    lo, hi = config.allowed_sizes[0], config.allowed_sizes[-1]
+    if w.failed or w.missed or slo:
+        if not w.failed and state.lower_streak < config.lower_after:
+            state = replace(state, aimd_target=target)
+            return _keep(name, state, w, f"{_describe(w)}: missed {state.lower_streak} of {config.lower_after} windows")
+        target = max(float(lo), min(target, float(n)) * config.aimd_factor)
+        new = min(config.snap_down(target), config.size_below(n))
+        why = "load or run failed" if w.failed else (slo if slo and not w.missed else _describe(w))
+        state = replace(state, aimd_target=target)
+        if new == n:
+            return _keep(name, state, w, f"{why}: already at the smallest allowed size {n}")
+        return _change(name, state, w, new, f"{why}: target x{config.aimd_factor:g} = {target:.2f}, lower to {new}", config)
+    if _memory_short(w, config) or state.cooldown > 0 or not w.all_met:
+        why = "memory short" if _memory_short(w, config) else ("cooling down" if state.cooldown else "a batch missed")
+        state = replace(state, aimd_target=target)
+        return _keep(name, state, w, f"{_describe(w)}: {why}, hold target {target:.2f}")
+    target = min(float(hi), target + config.aimd_step)
+    new = max(config.snap_down(target), n) if n in config.allowed_sizes else config.snap_down(target)
+    state = replace(state, aimd_target=target)
+    if new == n:
+        return _keep(name, state, w, f"{_describe(w)}: target +{config.aimd_step:g} = {target:.2f}, keep {n}")
+    return _change(name, state, w, new, f"{_describe(w)}: target +{config.aimd_step:g} = {target:.2f}, raise to {new}", config)
+
+
+def fixed(
+    window: Sequence[Observation], state: ControllerState, config: PolicyConfig
+) -> tuple[Decision, ControllerState]:
+    """Always the configured size (``start_size``, else the smallest allowed)."""
+    name = "fixed"
+    size = config.initial_size
+    if not window:
+        return Decision(size, "keep", f"fixed at {size}", name, size), replace(state, current=size)
+    w = summarize(window)
+    state = _tick(state, w, config)
+    return _change(name, state, w, size, f"fixed at {size} ({_describe(w)})", config)
+
+
+def _drifted(state: ControllerState, w: WindowSummary, config: PolicyConfig) -> str | None:
+    ref, ref_fps = state.reference_throughput, state.reference_fps
+    if ref is None or ref_fps is None:
+        return None
+    if ref > 0 and abs(w.throughput / ref - 1) > config.drift_tolerance:
+        return f"throughput at {w.batch_size} moved from {ref:.1f} to {w.throughput:.1f} items/s"
+    if abs(w.fps / ref_fps - 1) > config.drift_tolerance:
+        return f"stream rate moved from {ref_fps:g} to {w.fps:g} fps"
+    return None
+
+
+def _settle(state: ControllerState, ceiling: int, reason: str, config: PolicyConfig) -> ControllerState:
+    """Stop below ``ceiling`` until the measurements drift or the (backed-off) re-probe is due."""
+    interval = state.reprobe_interval or config.reprobe_after_windows
+    return replace(
+        state,
+        probe_from=None,
+        ceiling=ceiling,
+        ceiling_reason=reason,
+        reference_throughput=None,
+        reference_fps=None,
+        reprobe_interval=interval,
+        next_reprobe_at=None if interval is None else state.windows + interval,
+    )
+
+
+def throughput_aware(
+    window: Sequence[Observation], state: ControllerState, config: PolicyConfig
+) -> tuple[Decision, ControllerState]:
+    """Algorithm 1 that only keeps a larger batch when it buys at least ``min_gain`` more items/s."""
+    name = "throughput_aware"
+    if not window:
+        return _empty(name, state, config)
+    w = summarize(window)
+    n = w.batch_size
+    state = _tick(state, w, config)
+    if state.probe_from is not None and state.probe_from >= n:
+        state = replace(state, probe_from=None)  # the size was changed from outside
+    if not w.failed:
+        state = state.with_throughput(n, w.throughput)
+
+    safety = _failure_or_miss(name, state, w, config)
+    if safety is not None:
+        decision, nxt = safety
+        if decision.action == "lower":
+            nxt = _settle(nxt, n, decision.reason, config)
+        return decision, nxt
+
+    # A probe: after raise_after windows at the larger size, keep it only if it paid.
+    if state.probe_from is not None:
+        if state.raise_streak < config.raise_after:
+            return _keep(name, state, w, f"{_describe(w)}: probing {n}, window {state.raise_streak} of {config.raise_after}")
+        small = state.probe_from
+        t_small = state.throughput_at(small) or 0.0
+        t_big = state.throughput_at(n) or 0.0
+        gain = t_big / t_small - 1 if t_small > 0 else math.inf
+        verdict = (
+            f"batch {n} gave {t_big:.1f} items/s vs {t_small:.1f} at {small} "
+            f"({gain:+.1%}, need {config.min_gain:+.0%})"
+        )
+        if gain < config.min_gain:
+            state = _settle(state, n, verdict, config)
+            return _change(name, state, w, small, f"{verdict}: step back to {small}", config)
+        state = replace(
+            state, probe_from=None, ceiling=None, ceiling_reason="", reprobe_interval=config.reprobe_after_windows
+        )
+
+    up = config.size_above(n)
+    if _memory_short(w, config):
+        return _keep(name, state, w, f"{_describe(w)} >= threshold {config.mem_threshold:.0%}: keep {n}")
+    if up is None:
+        return _keep(name, state, w, f"{_describe(w)}: at the largest allowed size {n}")
+
+    if state.ceiling is not None and up >= state.ceiling:
+        if state.reference_throughput is None:
+            state = replace(state, reference_throughput=w.throughput, reference_fps=w.fps)
+        drift = _drifted(state, w, config)
+        due = state.next_reprobe_at is not None and state.windows >= state.next_reprobe_at
+        if not drift and not due:
+            return _keep(name, state, w, f"settled at {n}: {state.ceiling_reason}")
+        if drift:
+            # Conditions changed: the old figures no longer describe this device.
+            state = replace(state, throughput=((n, w.throughput),), reprobe_interval=config.reprobe_after_windows)
+            why = f"re-probe: {drift}"
+        else:
+            # Back off: if this probe confirms the old verdict, the next one waits twice as long.
+            state = replace(state, reprobe_interval=2 * (state.reprobe_interval or 1))
+            state = state.forget_throughput(lambda s: s <= n)
+            why = f"re-probe due after {state.reprobe_interval // 2} windows settled"
+        state = replace(state, ceiling=None, ceiling_reason=why, reference_throughput=None, reference_fps=None)
+
+    if state.cooldown > 0:
+        return _keep(name, state, w, f"{_describe(w)}: cooling down {state.cooldown} more window(s)")
+    if state.raise_streak < config.raise_after:
+        return _keep(name, state, w, f"{_describe(w)}: met {state.raise_streak} of {config.raise_after} windows")
+    prefix = f"{state.ceiling_reason}; " if state.ceiling_reason.startswith("re-probe") else ""
+    decision, nxt = _change(name, state, w, up, f"{prefix}{_describe(w)}: probe {up}", config)
+    return decision, replace(nxt, probe_from=n, ceiling_reason="")
+
+
+POLICIES: Mapping[str, BatchPolicy] = MappingProxyType(
+    {
+        "algorithm1": algorithm1,
+        "aimd": aimd,
+        "fixed": fixed,
+        "throughput_aware": throughput_aware,
+    }
+)
+DEFAULT_POLICY = "throughput_aware"
+
+
+def get_policy(name: str = DEFAULT_POLICY) -> BatchPolicy:
+    """The policy called ``name``; a ValueError lists the valid names."""
+    try:
+        return POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown batch-size policy {name!r}; valid: {', '.join(sorted(POLICIES))}") from None
+
+
+def replay(
+    policy: BatchPolicy,
+    windows: Sequence[Mapping[int, Sequence[Observation]]],
+    config: PolicyConfig,
+    state: ControllerState | None = None,
+) -> list[Decision]:
+    """Run a policy in closed loop over a trace that holds, per window, what each size measured.
+
+    Why per size: a recorded sweep says what the pipeline did at every allowed size in
+    each time slice, so any policy can be replayed on it, not just the one that ran.
+    """
+    state = state if state is not None else ControllerState()
+    size = config.initial_size
+    decisions: list[Decision] = []
+    for by_size in windows:
+        decision, state = policy(list(by_size.get(size, ())), replace(state, current=size), config)
+        decisions.append(decision)
+        size = decision.batch_size
+    return decisions
