@@ -38,7 +38,13 @@ class DetectorConfig(BaseModel):
     layout: Literal["auto", "yolov8", "yolov5"] = "auto"
     labels: list[str] | None = Field(None, description="class names; default from the model version's tags")
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
-    intra_op_threads: int | None = Field(None, ge=1, description="ONNX Runtime threads per engine")
+    intra_op_threads: int | None = Field(
+        None, ge=1, description="ONNX Runtime threads per engine; unset = all cores but one in a replica")
+    intra_op_spinning: bool = Field(
+        False,
+        description="let ONNX Runtime's idle threads spin: a little lower latency on a free core, but they "
+        "burn the CPU that decoding, NMS and the HTTP proxy need on a small edge box",
+    )
     alias_poll_s: float = Field(5.0, ge=0.0, description="how often to check whether the alias moved (0 = never)")
     tracking_uri: str | None = Field(None, description="MLflow URI; default MLFLOW_TRACKING_URI or the local state folder")
 

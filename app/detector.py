@@ -31,6 +31,13 @@ log = logging.getLogger(__name__)
 VariantLoader = Callable[[int], tuple[Engine, ModelVariant]]
 
 
+class VariantRetired(Exception):
+    """A batch reached a variant that a swap had just retired; it is re-routed, never failed."""
+
+    def __init__(self, batch_size: int) -> None:
+        super().__init__(f"batch-{batch_size} variant was retired")
+
+
 @dataclass
 class LoadedVariant:
     """One batch size's engine instances (Triton's instance group): concurrent batches each take one."""
@@ -43,6 +50,11 @@ class LoadedVariant:
     instances: list[Engine] = field(default_factory=list)
     _free: "queue.SimpleQueue[Engine]" = field(default_factory=queue.SimpleQueue, repr=False)
 
+    run_s: float = 0.0  # seconds per run, warm-up then a moving average: what padding would cost
+    _state: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    _inflight: int = field(default=0, repr=False)
+    _closed: bool = field(default=False, repr=False)
+
     def __post_init__(self) -> None:
         if not self.instances:
             self.instances = [self.engine]
@@ -54,15 +66,34 @@ class LoadedVariant:
         return self.engine.batch_size
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        """Run on a free instance; blocks while all instances are busy."""
-        engine = self._free.get()
+        """Run on a free instance; blocks while all instances are busy. Raises ``VariantRetired`` when
+        the variant was closed between ``pick`` and here (the caller picks again)."""
+        with self._state:
+            if self._closed:
+                raise VariantRetired(self.batch_size)
+            self._inflight += 1
         try:
-            return run_padded(engine, batch)
+            engine = self._free.get()
+            try:
+                t0 = time.perf_counter()
+                out = run_padded(engine, batch)
+                dt = time.perf_counter() - t0
+                self.run_s = 0.8 * self.run_s + 0.2 * dt if self.run_s else dt
+                return out
+            finally:
+                self._free.put(engine)
         finally:
-            self._free.put(engine)
+            with self._state:
+                self._inflight -= 1
+                self._state.notify_all()
 
     def close(self) -> None:
-        """Wait for each instance to come back from its in-flight batch, then release it."""
+        """Refuse new batches, wait for the in-flight ones to finish, then release each instance."""
+        with self._state:
+            if self._closed:
+                return  # idempotent: a retired variant may be closed by the pool and a swap alike
+            self._closed = True
+            self._state.wait_for(lambda: self._inflight == 0)
         for _ in self.instances:
             self._free.get().close()
 
@@ -101,11 +132,15 @@ class VariantPool:
                     engines.append(engine)
                     warm = np.zeros(engine.input_shape, dtype=np.float32)
                     out_shape = tuple(int(d) for d in engine.run(warm)[0].shape)
+                    t_run = time.perf_counter()
+                    engine.run(warm)  # the first run pays one-off allocations; time the second
+                    run_s = time.perf_counter() - t_run
             except EdgebatchError:
                 raise
             except (MemoryError, RuntimeError, OSError) as exc:
                 raise Unavailable(f"could not load the batch-{batch_size} variant: {exc}") from exc
-            lv = LoadedVariant(engines[0], variant, load_s=time.perf_counter() - t0, output_shape=out_shape, instances=engines)
+            lv = LoadedVariant(engines[0], variant, load_s=time.perf_counter() - t0, output_shape=out_shape,
+                               instances=engines, run_s=run_s)
             self._loaded = {**self._loaded, batch_size: lv}  # atomic publish
             return lv
 
@@ -116,6 +151,27 @@ class VariantPool:
             raise Unavailable("no model variant is loaded yet; the detector is still starting")
         fitting = [s for s in loaded if s >= n]
         return loaded[min(fitting)] if fitting else loaded[max(loaded)]
+
+    def plan(self, n: int) -> list[LoadedVariant]:
+        """The runs that serve a formed batch of ``n`` items: one run on ``pick(n)`` (padded), or the
+        batch cut into runs of smaller resident variants when their measured times add up to clearly
+        less. On a CPU, where images/s hardly grows with the batch, 5 requests on {b1, b8} run as
+        5 x b1 instead of paying for 3 padded images; on a GPU the padded run usually wins."""
+        loaded = self._loaded
+        first = self.pick(n)
+        sizes = sorted(loaded)
+        chunks: list[LoadedVariant] = []
+        rest = n
+        while rest > 0 and sizes:
+            size = max((s for s in sizes if s <= rest), default=sizes[0])
+            chunks.append(loaded[size])
+            rest -= size
+        if first.batch_size < n:  # larger than any variant: it runs in pieces anyway
+            return chunks or [first]
+        padded_s, split_s = first.run_s, sum(lv.run_s for lv in chunks)
+        if chunks and padded_s > 0 and all(lv.run_s > 0 for lv in chunks) and split_s < 0.9 * padded_s:
+            return chunks
+        return [first]
 
     def retire(self, keep: Sequence[int]) -> list[LoadedVariant]:
         """Unpublish variants not in ``keep`` (most recent first, up to max_resident); caller closes them
@@ -190,12 +246,26 @@ class Detector:
         return stack(items)
 
     def predict(self, batch: np.ndarray) -> tuple[np.ndarray, LoadedVariant]:
-        lv = self.pool.pick(batch.shape[0])
-        size = lv.batch_size
-        if batch.shape[0] <= size:
-            return lv.run(batch)[0], lv
-        chunks = [lv.run(batch[i : i + size])[0] for i in range(0, batch.shape[0], size)]
-        return np.concatenate(chunks, axis=0), lv
+        """Run the batch; returns the output and the (largest) variant that ran it."""
+        for _ in range(8):  # a swap retires at most a few variants; each retry sees the newer publish
+            runs = self.pool.plan(batch.shape[0])
+            try:
+                return self._predict_on(runs, batch), max(runs, key=lambda lv: lv.batch_size)
+            except VariantRetired:
+                continue
+        raise Unavailable("model variants kept changing under this batch; retry")
+
+    @staticmethod
+    def _predict_on(runs: Sequence[LoadedVariant], batch: np.ndarray) -> np.ndarray:
+        if len(runs) == 1 and batch.shape[0] <= runs[0].batch_size:
+            return runs[0].run(batch)[0]
+        outs, start, i = [], 0, 0
+        while start < batch.shape[0]:  # the plan's runs in order, repeating the last for any rest
+            lv = runs[min(i, len(runs) - 1)]
+            outs.append(lv.run(batch[start : start + lv.batch_size])[0])
+            start += lv.batch_size
+            i += 1
+        return np.concatenate(outs, axis=0)
 
     def unbatch(self, output: np.ndarray, items: Sequence[PreparedImage]) -> list[list[Detection]]:
         c = self.config

@@ -26,6 +26,7 @@ from ray import serve
 from app.config import DetectorConfig, parse_config
 from app.detector import BatchResult, Detector
 from app.errors import BadRequest, EdgebatchError, NotFound, PayloadTooLarge, Unavailable
+from app.monitoring.appmetrics import AppMetrics
 from app.state import StateDir
 from model_registry.source import RegistryModelSource, ResolvedModel
 
@@ -36,6 +37,27 @@ api = FastAPI(title="edgebatch", description="Batched object detection on Ray Se
 
 def _error(exc: EdgebatchError) -> JSONResponse:
     return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+
+class ExportedMetrics:
+    """The detector's application metrics as Ray Serve metrics (``ray_edgebatch_*`` on the export
+    port); Serve adds the deployment, replica and application tags, we add the model."""
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        keys = ("model",)
+        self.batch_size = metrics.Histogram("edgebatch_batch_size", description="items per formed batch",
+                                            boundaries=[1, 2, 4, 8, 16, 32, 64], tag_keys=keys)
+        self.d_batch = metrics.Histogram("edgebatch_d_batch_seconds", description="batch delay: pre + infer + post",
+                                         boundaries=[0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0], tag_keys=keys)
+        self.queue_len = metrics.Gauge("edgebatch_queue_length", description="items waiting for the batcher", tag_keys=keys)
+        self.max_batch_size = metrics.Gauge("edgebatch_max_batch_size", description="batch size in force", tag_keys=keys)
+        self.throughput = metrics.Gauge("edgebatch_throughput_items_per_s", description="items/s over the window", tag_keys=keys)
+        self.d_batch_mean = metrics.Gauge("edgebatch_d_batch_mean_seconds", description="mean batch delay over the window", tag_keys=keys)
+        self.stage = metrics.Gauge("edgebatch_stage_mean_seconds", description="mean delay per stage over the window",
+                                   tag_keys=("model", "stage"))
+        self.drops = metrics.Counter("edgebatch_dropped_total", description="requests or frames dropped", tag_keys=("model", "reason"))
 
 
 @serve.deployment(name="Detector", max_ongoing_requests=64)
@@ -57,6 +79,12 @@ class DetectorDeployment:
         self._counters = {"requests": 0, "errors": 0, "batches": 0, "items": 0}
         self._batch_sizes_seen: dict[int, int] = {}
         self._last_swap: dict[str, Any] | None = None
+        self._metrics = AppMetrics(window_s=10.0)  # what the batch controller decides on
+        self._exported: ExportedMetrics | None = None
+        self._exported_at = 0.0
+        self._waiting = 0  # items handed to the batcher and not yet in a batch
+        self._last_load_failure: dict[str, Any] | None = None
+        self._batch_size_changed_at = self._metrics.now()
 
     # -- configuration --------------------------------------------------
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -70,11 +98,12 @@ class DetectorDeployment:
         old = self._config
         model_changed = old is None or any(
             getattr(old, f) != getattr(config, f)
-            for f in ("model", "version", "alias", "backend", "labels", "tracking_uri", "intra_op_threads")
+            for f in ("model", "version", "alias", "backend", "labels", "tracking_uri", "intra_op_threads",
+                      "intra_op_spinning")
         )
         loop = asyncio.get_running_loop()
         if model_changed:
-            source = RegistryModelSource(config, self._state)
+            source = RegistryModelSource(config, self._state, spare_cores=1)
             model = await loop.run_in_executor(None, source.resolve)
             await self._swap_in(config, source, model)
         else:
@@ -91,6 +120,8 @@ class DetectorDeployment:
             self._instances = config.engine_instances
         self._batcher.set_max_batch_size(config.max_batch_size)
         self._batcher.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        if old is None or old.max_batch_size != config.max_batch_size:
+            self._batch_size_changed_at = self._metrics.now()  # the controller's windows start here
 
     async def _swap_in(self, config: DetectorConfig, source: RegistryModelSource, model: ResolvedModel) -> None:
         """Load a (new) model version beside the serving one, warm it, then switch in one assignment."""
@@ -127,7 +158,14 @@ class DetectorDeployment:
             update["batch_wait_timeout_s"] = float(batch_wait_timeout_s)
         config = parse_config(DetectorConfig, {**self._config.model_dump(), **update}, "batch")
         async with self._reconfigure_lock:
-            await self._apply_config(config)
+            previous = self._config.max_batch_size
+            try:
+                await self._apply_config(config)
+            except EdgebatchError as exc:
+                self._last_load_failure = {"batch_size": int(max_batch_size), "error": exc.message, "at": time.time(),
+                                           "kept_batch_size": previous}
+                log.warning("batch size %d not applied, still serving %d: %s", max_batch_size, previous, exc.message)
+                raise
         return self.info()
 
     async def _follow_alias(self) -> None:
@@ -139,7 +177,7 @@ class DetectorDeployment:
                 return
             await asyncio.sleep(config.alias_poll_s)
             try:
-                source = RegistryModelSource(config, self._state)
+                source = RegistryModelSource(config, self._state, spare_cores=1)
                 version = await loop.run_in_executor(None, source.repo.resolve, config.model, None, config.alias)
                 if self._model is not None and version != self._model.version:
                     async with self._reconfigure_lock:
@@ -180,13 +218,82 @@ class DetectorDeployment:
         self._counters["batches"] += 1
         self._counters["items"] += n
         self._batch_sizes_seen[n] = self._batch_sizes_seen.get(n, 0) + 1
+        self._record_batch(rows, lv.batch_size, t_start, inf_s)
         return [(output[i], lv, inf_s, n, t_start - rows[i][1]) for i in range(n)]
+
+    async def _submit(self, tensor: np.ndarray) -> tuple:
+        """Into the shared batcher, counting what waits in front of it (the queue length)."""
+        self._waiting += 1
+        try:
+            return await self._batcher((tensor, time.perf_counter()))
+        finally:
+            self._waiting -= 1
+
+    def _record_batch(self, rows: list, variant_batch_size: int, t_start: float, inf_s: float) -> None:
+        """Feed the window recorder and Ray's metrics; never fails a batch."""
+        try:
+            n = len(rows)
+            pre_s, post_s = self._metrics.recent_item_stages()
+            queue_s = sum(t_start - r[1] for r in rows) / n
+            waiting = max(self._waiting - n, 0)
+            self._metrics.record_batch(n, variant_batch_size, queue_s, pre_s, inf_s, post_s, waiting)
+            self._export(n, pre_s + inf_s + post_s, waiting)
+        except Exception as exc:  # metrics must never cost a request
+            log.debug("metrics not recorded: %s", exc)
+
+    def _export(self, n: int, d_batch_s: float, waiting: int) -> None:
+        if self._exported is None:
+            self._exported = ExportedMetrics()
+        tags = {"model": self._config.model if self._config else "unknown"}
+        self._exported.batch_size.observe(n, tags=tags)
+        self._exported.d_batch.observe(d_batch_s, tags=tags)
+        self._exported.queue_len.set(waiting, tags=tags)
+        now = time.monotonic()
+        if now - self._exported_at >= 1.0:  # window gauges at most once a second
+            self._exported_at = now
+            snap = self._metrics.snapshot(since=self._batch_size_changed_at)
+            self._exported.throughput.set(snap["throughput"], tags=tags)
+            self._exported.d_batch_mean.set(snap["d_batch_s"], tags=tags)
+            if self._config is not None:
+                self._exported.max_batch_size.set(self._config.max_batch_size, tags=tags)
+            for stage, figures in snap["stages"].items():
+                self._exported.stage.set(figures["mean_s"], tags={**tags, "stage": stage})
+
+    def _record_drop(self, reason: str) -> None:
+        self._metrics.record_drop(reason)
+        try:
+            if self._exported is None:
+                self._exported = ExportedMetrics()
+            self._exported.drops.inc(tags={"model": self._config.model if self._config else "unknown", "reason": reason})
+        except Exception as exc:  # metrics must never cost a request
+            log.debug("drop not exported: %s", exc)
+
+    def stats(self, stream_fps: float | None = None, since: float | None = None) -> dict[str, Any]:
+        """The controller's reading: the window snapshot (cut at the last batch-size change), the size
+        in force, the resident variants and the last load failure."""
+        cut = self._batch_size_changed_at if since is None else max(since, self._batch_size_changed_at)
+        info = self.info()
+        import ray
+
+        return {
+            "model": info["model"],
+            "version": info["version"],
+            "max_batch_size": info["max_batch_size"],
+            "batch_sizes": list(self._config.batch_sizes) if self._config else [],
+            "loaded_variants": sorted(int(s) for s in info["loaded_variants"]),
+            "resident_bytes": {s: v["memory_bytes"] for s, v in info["loaded_variants"].items()},
+            "last_load_failure": self._last_load_failure,
+            "batch_size_changed_at": self._batch_size_changed_at,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "metrics": self._metrics.snapshot(stream_fps, since=cut),
+        }
 
     async def infer_row(self, tensor: np.ndarray) -> dict[str, Any]:
         """Handle entry for streams: one letterboxed frame (3, H, W) float32 into the shared batcher,
         so frames of many streams and HTTP requests are batched together."""
         self._require_detector()
-        row, lv, inf_s, n, queue_s = await self._batcher((np.asarray(tensor, dtype=np.float32), time.perf_counter()))
+        row, lv, inf_s, n, queue_s = await self._submit(np.asarray(tensor, dtype=np.float32))
         return {
             "output": row,
             "model": lv.variant.name,
@@ -196,6 +303,29 @@ class DetectorDeployment:
             "inference_s": inf_s,
             "queue_s": max(queue_s, 0.0),
         }
+
+    async def detect_bytes(self, body: bytes) -> dict[str, Any]:
+        """Handle entry for the tenancy router: an encoded image in, the /v1/detect body out,
+        plus which placement and node served it (DMP spreads a model over several)."""
+        detector = self._require_detector()
+        loop = asyncio.get_running_loop()
+        item = await loop.run_in_executor(self._cpu_pool, detector.decode_request, body)
+        row, lv, inf_s, n, queue_s = await self._submit(item.tensor)
+        t0 = time.perf_counter()
+        dets = await loop.run_in_executor(self._cpu_pool, detector.unbatch, row[None], [item])
+        self._metrics.record_item(item.timings["preprocess_s"], time.perf_counter() - t0)
+        timings = {"queue_s": max(queue_s, 0.0), "preprocess_s": item.timings["preprocess_s"], "inference_s": inf_s}
+        out = detector.encode_response(BatchResult(dets[0], None, lv.variant, lv.batch_size, timings))
+        out["items_in_batch"] = n
+        out["served_by"] = self.where()
+        return out
+
+    def where(self) -> dict[str, Any]:
+        """This replica's deployment (= model placement), Ray node and process."""
+        import ray
+
+        ctx = serve.get_replica_context()
+        return {"deployment": ctx.deployment, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
     async def _read_body(self, request: Request) -> bytes:
         limit = (self._config or DetectorConfig()).max_body_bytes
@@ -219,9 +349,10 @@ class DetectorDeployment:
             body = await self._read_body(request)
             loop = asyncio.get_running_loop()
             item = await loop.run_in_executor(self._cpu_pool, detector.decode_request, body)
-            row, lv, inf_s, n, queue_s = await self._batcher((item.tensor, time.perf_counter()))
+            row, lv, inf_s, n, queue_s = await self._submit(item.tensor)
             t0 = time.perf_counter()
             dets = await loop.run_in_executor(self._cpu_pool, detector.unbatch, row[None], [item])
+            self._metrics.record_item(item.timings["preprocess_s"], time.perf_counter() - t0)
             timings = {
                 "queue_s": max(queue_s, 0.0),
                 "preprocess_s": item.timings["preprocess_s"],
@@ -234,6 +365,7 @@ class DetectorDeployment:
             return JSONResponse(body_out)
         except EdgebatchError as exc:
             self._counters["errors"] += 1
+            self._record_drop(type(exc).__name__)
             return _error(exc)
 
     @api.get("/v1/models")
@@ -276,6 +408,7 @@ class DetectorDeployment:
             "counters": dict(self._counters),
             "batch_sizes_seen": dict(sorted(self._batch_sizes_seen.items())),
             "last_swap": self._last_swap,
+            "last_load_failure": self._last_load_failure,
             "pid": os.getpid(),
         }
 
@@ -351,8 +484,7 @@ class DetectorDeployment:
             body = await self._read_body(request)
             req = decode_infer_request(body, request.headers, sig)
             images = req.inputs["images"].astype(np.float32, copy=False)
-            now = time.perf_counter()
-            rows = await asyncio.gather(*(self._batcher((images[i], now)) for i in range(images.shape[0])))
+            rows = await asyncio.gather(*(self._submit(images[i]) for i in range(images.shape[0])))
             output = np.stack([r[0] for r in rows])
             assert self._model is not None
             payload, headers = encode_infer_response(self._model.name, self._model.version, {"output0": output}, req)

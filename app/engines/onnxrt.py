@@ -75,6 +75,10 @@ class OnnxRuntimeEngine(Engine):
             so.intra_op_num_threads = int(self.options["intra_op_num_threads"])
         if self.options.get("inter_op_num_threads"):
             so.inter_op_num_threads = int(self.options["inter_op_num_threads"])
+        if "allow_spinning" in self.options:  # ORT spins by default; a shared CPU wants it off
+            spin = "1" if self.options["allow_spinning"] else "0"
+            so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+            so.add_session_config_entry("session.inter_op.allow_spinning", spin)
         gpu = {"device_id": int(self.options.get("device_index", 0))}
         provider_options = [gpu if p != "CPUExecutionProvider" and p in PREFERRED_PROVIDERS else {} for p in providers]
         try:

@@ -1,0 +1,570 @@
+"""The Adaptive Batch Controller: a Serve deployment that sizes every detector's batches.
+
+Every ``interval_s`` it reads, per detector, what the pipeline measured since the last
+reading (the detector's ``stats()``: d_batch, throughput, the size in force) and what
+the node's accelerator reports (``deployments.collectors.latest_samples()`` when that
+module is deployed; or all of it by PromQL when ``prometheus_url`` is set), turns it
+into a ``policies.batch_size.Observation``, asks the detector's policy for the next
+size and applies it with the detector's ``set_batch_size`` (load beside, warm, switch).
+A load failure keeps the current size; it is fed back to the policy as a failed
+observation, so the policy lowers and (throughput_aware) will not retry that size
+until a re-probe is due. Every decision is logged with its reason and exported.
+
+``ControlLoop`` holds all of this without Ray (detector clients are injected), so it
+is tested with fakes; ``BatchController`` wires it to Serve handles and Ray metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from policies.batch_size import (
+    DEFAULT_POLICY,
+    POLICIES,
+    ControllerState,
+    Decision,
+    Observation,
+    PolicyConfig,
+    get_policy,
+)
+
+log = logging.getLogger("ray.serve")
+
+APP_NAME = "edgebatch-controller"
+DEPLOYMENT_NAME = "BatchController"
+MANUAL = "manual"
+POLICY_CHOICES = (MANUAL, *sorted(POLICIES))
+# PolicyConfig fields an operator may set with `edgebatch batch auto ... --param k=v`
+TUNABLE = tuple(f.name for f in fields(PolicyConfig) if f.name not in ("allowed_sizes", "start_size"))
+
+
+class DetectorTarget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    app: str = Field(..., description="Serve application that holds the detector")
+    deployment: str = "Detector"
+
+
+class ControllerConfig(BaseModel):
+    """The controller's ``user_config``; a ``serve deploy`` with a new one reconfigures it live."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    interval_s: float = Field(2.0, gt=0, le=600, description="seconds between readings (one policy window)")
+    window: int = Field(3, ge=1, le=100, description="observations the policy sees (at the size in force)")
+    policy: str = Field(MANUAL, description="policy for detectors nobody set one for; 'manual' only observes")
+    policy_params: dict[str, float | int | None] = Field(default_factory=dict, description="PolicyConfig fields")
+    stream_fps: float = Field(30.0, gt=0, description="stream rate F of the real-time criterion N/F")
+    detectors: list[DetectorTarget] = Field(default_factory=list, description="empty: every app with a 'Detector'")
+    prometheus_url: str | None = Field(None, description="read observations by PromQL instead of from the detectors")
+    apply_timeout_s: float = Field(120.0, gt=0, description="how long a variant load may take")
+
+
+class DetectorClient(Protocol):
+    """What the loop needs of one detector (a Serve handle in production, a fake in tests)."""
+
+    async def stats(self, stream_fps: float | None, since: float | None) -> dict[str, Any]: ...
+
+    async def set_batch_size(self, n: int) -> dict[str, Any]: ...
+
+
+def reason_code(decision: Decision) -> str:
+    """A low-cardinality label for the decisions counter (the full reason goes to the log)."""
+    r = decision.reason
+    if decision.policy == "operator":
+        return "operator"
+    if "failed" in r:
+        return "load_failed"
+    if "step back" in r:
+        return "no_throughput_gain"
+    if decision.action == "lower":
+        return "slo_missed" if "SLO" in r else "deadline_missed"
+    if decision.action == "raise":
+        return "probe" if "probe" in r else "criterion_met"
+    for needle, code in (("settled", "settled"), ("threshold", "memory_short"), ("largest", "at_largest"),
+                         ("smallest", "at_smallest"), ("cooling", "cooldown"), ("fixed", "fixed"), ("missed", "missed_once")):
+        if needle in r:
+            return code
+    return "hold"
+
+
+def observation_from_stats(stats: dict[str, Any], fps: float, sample: Any | None = None) -> Observation | None:
+    """A detector's window reading (plus its node's accelerator sample) as a policy observation.
+
+    None when no batch ran in the window: an idle detector says nothing about batch sizes.
+    Memory: the accelerator's when the node has one, else the node's RAM (a CPU engine lives there).
+    """
+    m = stats["metrics"]
+    if not m.get("batches"):
+        return None
+    util = mem_used = mem_total = None
+    if sample is not None:
+        devices = [d for d in (getattr(sample, "devices", None) or []) if getattr(d, "kind", "") != "cpu"]
+        if devices:  # the node's accelerator (the first; a detector replica uses one)
+            dev = devices[0]
+            util = getattr(dev, "util_percent", None)
+            mem_used, mem_total = getattr(dev, "mem_used_bytes", None), getattr(dev, "mem_total_bytes", None)
+        else:  # CPU-only node: the engine's memory is the node's RAM
+            util = getattr(sample, "cpu_percent", None)
+            mem_used, mem_total = getattr(sample, "ram_used_bytes", None), getattr(sample, "ram_total_bytes", None)
+    return Observation(
+        batch_size=int(stats["max_batch_size"]),
+        d_batch_s=float(m["d_batch_s"]),
+        fps=float(fps),
+        throughput=float(m["throughput"]),
+        device_util=None if util is None else float(util) / 100.0,
+        mem_used_bytes=None if mem_used is None else int(mem_used),
+        mem_total_bytes=None if mem_total is None else int(mem_total),
+        timestamp=time.time(),
+    )
+
+
+DEFAULT_PROMQL = {
+    "throughput": 'sum(ray_edgebatch_throughput_items_per_s{{model="{model}"}})',
+    "d_batch": 'max(ray_edgebatch_d_batch_mean_seconds{{model="{model}"}})',
+    "batch_size": 'max(ray_edgebatch_max_batch_size{{model="{model}"}})',
+    # the node collectors' series (deployments/collectors.py); absent on a node without them
+    "device_util": 'max(ray_edgebatch_device_util_percent{{node="{node}",kind!="cpu"}})',
+    "device_mem_used": 'max(ray_edgebatch_device_mem_used_bytes{{node="{node}",kind!="cpu"}})',
+    "device_mem_total": 'max(ray_edgebatch_device_mem_total_bytes{{node="{node}",kind!="cpu"}})',
+    "ram_used": 'max(ray_edgebatch_node_ram_used_bytes{{node="{node}"}})',
+    "ram_total": 'max(ray_edgebatch_node_ram_total_bytes{{node="{node}"}})',
+}
+
+
+def observation_from_promql(query: Callable[[str], list[Any]], model: str, fps: float,
+                            current: int, exprs: dict[str, str] | None = None, node: str = "") -> Observation | None:
+    """The same observation from a Prometheus server: the detector's exported window gauges.
+
+    ``query`` is ``PromQLClient.query`` (a list of samples with ``.value``); a series that
+    is absent (not scraped yet) means no observation this window.
+    """
+    exprs = {**DEFAULT_PROMQL, **(exprs or {})}
+
+    def scalar(key: str) -> float | None:
+        samples = query(exprs[key].format(model=model, node=node))
+        values = [float(s.value) for s in samples if s.value == s.value]
+        return max(values) if values else None
+
+    throughput, d_batch = scalar("throughput"), scalar("d_batch")
+    if throughput is None or d_batch is None or throughput <= 0:
+        return None
+    size = scalar("batch_size")
+    if size is not None and int(size) != current:
+        return None  # Prometheus has not scraped the size in force yet: a stale window
+    util = mem_used = mem_total = None
+    if node:
+        util, mem_used, mem_total = scalar("device_util"), scalar("device_mem_used"), scalar("device_mem_total")
+        if mem_used is None or not mem_total:  # CPU-only node: its RAM
+            mem_used, mem_total = scalar("ram_used"), scalar("ram_total")
+    return Observation(
+        batch_size=current, d_batch_s=d_batch, fps=fps, throughput=throughput, timestamp=time.time(),
+        device_util=None if util is None else util / 100.0,
+        mem_used_bytes=None if mem_used is None else int(mem_used),
+        mem_total_bytes=None if mem_total is None or not mem_total else int(mem_total),
+    )
+
+
+@dataclass
+class DetectorControl:
+    """Everything the controller keeps about one detector (keyed by model name)."""
+
+    model: str
+    app: str
+    policy: str
+    params: dict[str, Any] = field(default_factory=dict)
+    fps: float = 30.0
+    state: ControllerState = field(default_factory=ControllerState)
+    window: deque = field(default_factory=lambda: deque(maxlen=3))
+    cursor: float | None = None
+    current: int | None = None
+    allowed: tuple[int, ...] = ()
+    last_decision: dict[str, Any] | None = None
+    last_failure: dict[str, Any] | None = None
+    last_observation: dict[str, Any] | None = None
+    history: deque = field(default_factory=lambda: deque(maxlen=20))
+    idle_windows: int = 0
+    operator_set: bool = False  # an operator chose the policy: a config change leaves it alone
+
+    def policy_config(self) -> PolicyConfig:
+        sizes = self.allowed or (1, 2, 4, 8, 16)
+        params = {k: v for k, v in self.params.items() if k in TUNABLE}
+        start = self.params.get("size") if self.policy == "fixed" else self.current
+        if start not in sizes:
+            start = None
+        return PolicyConfig(allowed_sizes=tuple(sizes), start_size=start, **params)
+
+    def status(self) -> dict[str, Any]:
+        d = self.last_decision or {}
+        return {
+            "model": self.model,
+            "app": self.app,
+            "policy": self.policy,
+            "params": dict(self.params),
+            "stream_fps": self.fps,
+            "current_batch_size": self.current,
+            "allowed_sizes": list(self.allowed),
+            "batch_size": d.get("batch_size", self.current),
+            "action": d.get("action"),
+            "reason": d.get("reason"),
+            "reason_code": d.get("reason_code"),
+            "decided_at": d.get("at"),
+            "last_decision": self.last_decision,
+            "last_failure": self.last_failure,
+            "last_observation": self.last_observation,
+            "history": list(self.history),
+            "measured_throughput": dict(self.state.throughput),
+        }
+
+
+def check_policy(policy: str, params: dict[str, Any]) -> None:
+    """Raise ValueError naming the problem (unknown policy, unknown or bad parameter)."""
+    if policy != MANUAL:
+        get_policy(policy)
+    unknown = sorted(set(params) - set(TUNABLE) - {"size", "fps"})
+    if unknown:
+        raise ValueError(f"unknown policy parameter(s) {', '.join(unknown)}; valid: {', '.join((*TUNABLE, 'size', 'fps'))}")
+    if policy == "fixed" and "size" not in params:
+        raise ValueError("the fixed policy needs size=N")
+    if "fps" in params and not float(params["fps"]) > 0:
+        raise ValueError("fps must be > 0")
+    PolicyConfig(**{k: v for k, v in params.items() if k in TUNABLE})  # validates the values
+
+
+class ControlLoop:
+    """The controller without Ray: detectors in, decisions applied, everything recorded."""
+
+    def __init__(self, config: ControllerConfig, *, on_decision: Callable[[DetectorControl, dict], None] | None = None,
+                 sampler: Callable[[], dict[str, Any]] | None = None,
+                 promql: Callable[[str], list[Any]] | None = None) -> None:
+        self.config = config
+        self.controls: dict[str, DetectorControl] = {}
+        self._on_decision = on_decision
+        self._sampler = sampler
+        self._promql = promql
+        self.ticks = 0
+        self.errors: deque = deque(maxlen=20)
+        self.samples_note = "not read yet"
+
+    # -- operator API --------------------------------------------------------
+    def control_for(self, model: str, app: str) -> DetectorControl:
+        ctl = self.controls.get(model)
+        if ctl is None:
+            ctl = DetectorControl(model, app, self.config.policy, dict(self.config.policy_params), self.config.stream_fps)
+            ctl.window = deque(maxlen=self.config.window)
+            self.controls[model] = ctl
+        ctl.app = app
+        return ctl
+
+    def set_policy(self, model: str, policy: str, params: dict[str, Any]) -> DetectorControl:
+        check_policy(policy, params)
+        ctl = self.controls.get(model)
+        if ctl is None:
+            raise KeyError(model)
+        ctl.policy, ctl.params, ctl.operator_set = policy, dict(params), True
+        ctl.fps = float(params.get("fps", self.config.stream_fps))
+        ctl.state = ControllerState(current=ctl.current)
+        ctl.window.clear()
+        self._record(ctl, Decision(ctl.current or 0, "keep", f"policy set to {policy} {params or ''}".rstrip(), "operator",
+                                   ctl.current or 0))
+        return ctl
+
+    # -- one reading per detector ----------------------------------------------
+    async def tick(self, clients: dict[str, tuple[str, DetectorClient]]) -> None:
+        """``clients``: model -> (app, client). One window for every detector."""
+        self.ticks += 1
+        samples = await self._samples()
+        for model, (app, client) in clients.items():
+            ctl = self.control_for(model, app)
+            try:
+                await self.step(ctl, client, samples)
+            except Exception as exc:  # one detector's trouble must not stop the others
+                self.errors.append({"model": model, "error": f"{type(exc).__name__}: {exc}", "at": time.time()})
+                log.warning("batch controller: %s: %s", model, exc)
+
+    async def _samples(self) -> dict[str, Any]:
+        if self._sampler is None or self._promql is not None:
+            self.samples_note = "by PromQL" if self._promql is not None else "no collectors"
+            return {}
+        try:
+            samples = await asyncio.get_running_loop().run_in_executor(None, self._sampler) or {}
+        except Exception as exc:  # no collectors, or one node slow: decide without device readings
+            self.samples_note = f"unavailable: {getattr(exc, 'message', None) or exc}"
+            return {}
+        self.samples_note = f"{len(samples)} node(s)"
+        return samples
+
+    async def step(self, ctl: DetectorControl, client: DetectorClient, samples: dict[str, Any]) -> Decision | None:
+        stats = await client.stats(ctl.fps, ctl.cursor)
+        ctl.cursor = stats["metrics"]["clock"]
+        ctl.current = int(stats["max_batch_size"])
+        ctl.allowed = tuple(sorted(stats["batch_sizes"]))
+        if ctl.policy == MANUAL:
+            return None
+        if self._promql is not None:
+            obs = await asyncio.get_running_loop().run_in_executor(
+                None, observation_from_promql, self._promql, ctl.model, ctl.fps, ctl.current, None,
+                str(stats.get("node_id") or ""))
+        else:
+            obs = observation_from_stats(stats, ctl.fps, samples.get(stats.get("node_id")))
+        if ctl.policy == "fixed" and ctl.current != ctl.params.get("size") and obs is None:
+            obs = Observation(ctl.current, 0.0, ctl.fps, 0.0, timestamp=time.time())  # pin even when idle
+        if obs is None:
+            ctl.idle_windows += 1
+            return None
+        ctl.idle_windows = 0
+        ctl.last_observation = {"batch_size": obs.batch_size, "d_batch_s": round(obs.d_batch_s, 4),
+                                "throughput": round(obs.throughput, 2), "fps": obs.fps,
+                                "criterion_s": round(obs.budget.criterion_s, 4),
+                                "margin_s": round(obs.budget.margin_s(obs.d_batch_s), 4),
+                                "mem_fraction": obs.mem_fraction, "device_util": obs.device_util}
+        ctl.window.append(obs)
+        policy = get_policy(ctl.policy)
+        config = ctl.policy_config()
+        decision, ctl.state = policy(list(ctl.window), replace(ctl.state, current=ctl.current), config)
+        self._record(ctl, decision)
+        if decision.batch_size != ctl.current:
+            await self._apply(ctl, client, decision, policy, config)
+        return decision
+
+    async def _apply(self, ctl: DetectorControl, client: DetectorClient, decision: Decision, policy, config) -> None:
+        target, before = decision.batch_size, ctl.current
+        try:
+            await asyncio.wait_for(client.set_batch_size(target), self.config.apply_timeout_s)
+        except Exception as exc:
+            message = getattr(exc, "message", None) or str(exc).strip().splitlines()[-1][:500]
+            ctl.last_failure = {"batch_size": target, "kept_batch_size": before, "error": message, "at": time.time()}
+            log.warning("batch controller: %s: batch %s not applied, still %s: %s", ctl.model, target, before, message)
+            # tell the policy: a failed observation at the size it asked for (lowers, and settles below it)
+            failed = Observation(target, 0.0, ctl.fps, 0.0, failed=True, timestamp=time.time())
+            back, ctl.state = policy([failed], replace(ctl.state, current=target), config)
+            self._record(ctl, replace(back, batch_size=before, reason=f"{back.reason} ({message}); kept {before}"))
+            ctl.state = replace(ctl.state, current=before)
+            ctl.window.clear()
+            return
+        ctl.current = target
+        ctl.cursor = None  # the detector cuts its window at the change itself
+        ctl.window.clear()
+
+    def _record(self, ctl: DetectorControl, decision: Decision) -> None:
+        entry = {
+            "batch_size": decision.batch_size,
+            "from": decision.from_size,
+            "action": decision.action,
+            "reason": decision.reason,
+            "reason_code": reason_code(decision),
+            "policy": decision.policy,
+            "at": time.time(),
+        }
+        ctl.last_decision = entry
+        ctl.history.append(entry)
+        if decision.action != "keep" or decision.policy == "operator":
+            log.info("batch controller: %s %s %s -> %s: %s", ctl.model, decision.action, decision.from_size,
+                     decision.batch_size, decision.reason)
+        else:
+            log.debug("batch controller: %s keep %s: %s", ctl.model, decision.batch_size, decision.reason)
+        if self._on_decision is not None:
+            try:
+                self._on_decision(ctl, entry)
+            except Exception as exc:  # metrics must never stop the loop
+                log.debug("decision not exported: %s", exc)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "interval_s": self.config.interval_s,
+            "source": "promql" if self._promql is not None else "direct",
+            "prometheus_url": self.config.prometheus_url,
+            "ticks": self.ticks,
+            "node_samples": self.samples_note,
+            "detectors": {m: c.status() for m, c in sorted(self.controls.items())},
+            "errors": list(self.errors)[-5:],
+        }
+
+
+# ---------------------------------------------------------------------------- Ray Serve side
+from ray import serve  # noqa: E402  (the pure part above is importable and testable on its own)
+
+
+class _HandleClient:
+    """A detector deployment reached through its Serve handle."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    async def stats(self, stream_fps: float | None, since: float | None) -> dict[str, Any]:
+        return await self._handle.stats.remote(stream_fps, since)
+
+    async def set_batch_size(self, n: int) -> dict[str, Any]:
+        return await self._handle.set_batch_size.remote(n)
+
+
+def _node_samples() -> dict[str, Any]:
+    """The collectors' latest readings per node; {} where the collectors are not deployed."""
+    try:
+        from deployments.collectors import latest_samples
+    except ImportError:
+        return {}
+    return latest_samples(timeout_s=5)
+
+
+@serve.deployment(name=DEPLOYMENT_NAME, num_replicas=1, max_ongoing_requests=16, ray_actor_options={"num_cpus": 0})
+class BatchController:
+    """One controller for every detector of the cluster; its loop runs inside the replica."""
+
+    def __init__(self) -> None:
+        self._config = ControllerConfig()
+        self._loop = ControlLoop(self._config, on_decision=self._export, sampler=_node_samples)
+        self._task: asyncio.Task | None = None
+        self._handles: dict[tuple[str, str], Any] = {}
+        self._models: dict[tuple[str, str], str] = {}
+        self._gauge = self._counter = None
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        from app.config import parse_config
+
+        config = parse_config(ControllerConfig, user_config, "user_config")
+        check_policy(config.policy, dict(config.policy_params))
+        promql = None
+        if config.prometheus_url:
+            try:
+                from app.monitoring.promql import PromQLClient
+            except ImportError as exc:
+                from app.errors import ConfigError
+
+                raise ConfigError(f"prometheus_url is set but the PromQL client is not installed ({exc}); "
+                                  "unset prometheus_url to read the detectors directly") from None
+            promql = PromQLClient(config.prometheus_url, timeout_s=min(config.interval_s, 5.0)).query
+        controls = self._loop.controls
+        for ctl in controls.values():  # the config's policy applies to every detector no operator set
+            if not ctl.operator_set and (ctl.policy, ctl.params, ctl.fps) != (config.policy, config.policy_params, config.stream_fps):
+                ctl.policy, ctl.params, ctl.fps = config.policy, dict(config.policy_params), config.stream_fps
+                ctl.state, ctl.window = ControllerState(current=ctl.current), deque(maxlen=config.window)
+        self._config = config
+        self._loop = ControlLoop(config, on_decision=self._export, sampler=_node_samples, promql=promql)
+        self._loop.controls = controls  # keep what operators set across a config change
+        self._ensure_running()
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def check_health(self) -> None:
+        self._ensure_running()
+
+    async def _run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await self._loop.tick(await self._clients())
+            except Exception as exc:  # discovery trouble: try again next interval
+                self._loop.errors.append({"model": "*", "error": f"{type(exc).__name__}: {exc}", "at": time.time()})
+                log.warning("batch controller tick failed: %s", exc)
+            await asyncio.sleep(max(0.05, self._config.interval_s - (time.monotonic() - started)))
+
+    def _targets(self) -> list[tuple[str, str]]:
+        if self._config.detectors:
+            return [(d.app, d.deployment) for d in self._config.detectors]
+        status = serve.status()
+        return [(app_name, "Detector") for app_name, app in status.applications.items()
+                if "Detector" in app.deployments and str(getattr(app.status, "value", app.status)) == "RUNNING"]
+
+    async def _clients(self) -> dict[str, tuple[str, _HandleClient]]:
+        loop = asyncio.get_running_loop()
+        targets = await loop.run_in_executor(None, self._targets)
+        clients: dict[str, tuple[str, _HandleClient]] = {}
+        for app, deployment in targets:
+            handle = self._handles.get((app, deployment))
+            if handle is None:
+                handle = serve.get_deployment_handle(deployment, app_name=app)
+                self._handles[(app, deployment)] = handle
+            model = self._models.get((app, deployment))
+            if model is None:
+                info = await handle.info.remote()
+                model = info.get("model") or app
+                self._models[(app, deployment)] = model
+            clients[model] = (app, _HandleClient(handle))
+        return clients
+
+    def _export(self, ctl: DetectorControl, entry: dict[str, Any]) -> None:
+        from ray.serve import metrics
+
+        if self._gauge is None:
+            self._gauge = metrics.Gauge("edgebatch_controller_batch_size", description="batch size the controller chose",
+                                        tag_keys=("model",))
+            self._counter = metrics.Counter("edgebatch_controller_decisions_total", description="decisions by reason",
+                                            tag_keys=("model", "reason", "action"))
+        self._gauge.set(entry["batch_size"], tags={"model": ctl.model})
+        self._counter.inc(tags={"model": ctl.model, "reason": entry["reason_code"], "action": entry["action"]})
+
+    # -- operator API (handle calls; errors come back as {"error": ...}, never as a traceback) --
+    async def _control(self, model: str) -> tuple[DetectorControl | None, _HandleClient | None, str | None]:
+        clients = await self._clients()
+        if model not in clients:
+            known = ", ".join(sorted(clients)) or "none"
+            return None, None, f"no detector serves model '{model}'; detectors: {known}"
+        app, client = clients[model]
+        ctl = self._loop.control_for(model, app)
+        stats = await client.stats(ctl.fps, ctl.cursor)
+        ctl.current, ctl.allowed = int(stats["max_batch_size"]), tuple(sorted(stats["batch_sizes"]))
+        return ctl, client, None
+
+    async def set_policy(self, model: str, policy: str = DEFAULT_POLICY, **params: Any) -> dict[str, Any]:
+        ctl, _, error = await self._control(model)
+        if error:
+            return {"error": error}
+        try:
+            self._loop.set_policy(model, policy, params)
+        except ValueError as exc:
+            return {"error": str(exc)}
+        return ctl.status()
+
+    async def set_fixed(self, model: str, n: int) -> dict[str, Any]:
+        """Pin a size (the fixed policy) and apply it now; a failed load keeps the current size and says so."""
+        ctl, client, error = await self._control(model)
+        if error:
+            return {"error": error}
+        if int(n) not in ctl.allowed:
+            return {"error": f"batch size {n} is not one of {model}'s variant sizes {list(ctl.allowed)}; "
+                             "build that variant (`edgebatch models build`) and add it to batch_sizes"}
+        n, before = int(n), ctl.current
+        if n != before:
+            try:
+                await asyncio.wait_for(client.set_batch_size(n), self._config.apply_timeout_s)
+            except Exception as exc:
+                message = getattr(exc, "message", None) or str(exc).strip().splitlines()[-1][:500]
+                ctl.last_failure = {"batch_size": n, "kept_batch_size": before, "error": message, "at": time.time()}
+                self._loop._record(ctl, Decision(before or 0, "keep", f"operator asked for batch {n}: load failed "
+                                                 f"({message}); kept {before}", "operator", before or 0))
+                return {"error": f"could not switch {model} to batch {n}: {message}; still serving batch {before}",
+                        **ctl.status()}
+            ctl.current, ctl.cursor = n, None
+        self._loop.set_policy(model, "fixed", {"size": n})
+        action = "keep" if n == before else ("raise" if n > (before or 0) else "lower")
+        self._loop._record(ctl, Decision(n, action, f"operator set batch size {n} (fixed policy)", "operator", before or 0))
+        return ctl.status()
+
+    async def status(self) -> dict[str, Any]:
+        if not self._loop.controls:
+            try:
+                for model, (app, _) in (await self._clients()).items():
+                    self._loop.control_for(model, app)
+            except Exception as exc:  # status must answer even while discovery fails
+                return {**self._loop.status(), "error": str(exc)}
+        return self._loop.status()
+
+
+    async def __call__(self, request: Any) -> dict[str, Any]:
+        """GET /v1/batch: the same status as JSON (read-only; changes go through `edgebatch batch`)."""
+        return await self.status()
+
+
+def build_app(args: dict[str, Any] | None = None):
+    """The ``edgebatch-controller`` application (no HTTP route: operators use `edgebatch batch`)."""
+    return BatchController.bind()

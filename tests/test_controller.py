@@ -1,0 +1,500 @@
+"""The Adaptive Batch Controller: variant swap safety, the decision loop on fakes, and the live path.
+
+The first half needs no Ray: ``VariantPool`` under a concurrent swap, and ``ControlLoop``
+driven by a fake detector whose throughput per batch size is known. The second half runs
+on the session's Serve app: a swap under concurrent HTTP load, a load failure, and the
+controller deployment deciding with a reason in its status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import pytest
+
+from app.detector import VariantPool
+from app.engines.base import ModelVariant
+from deployments.controller import (
+    ControlLoop,
+    ControllerConfig,
+    observation_from_promql,
+    observation_from_stats,
+    reason_code,
+)
+from policies.batch_size import Decision
+from tests.conftest import wait_for
+
+# ----------------------------------------------------------------------------- VariantPool, no Ray
+
+
+class GatedEngine:
+    """An engine whose run blocks until the test opens the gate (an in-flight batch)."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.input_shape = (batch_size, 3, 8, 8)
+        self.device = "cpu"
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.closed = False
+        self.runs = 0
+
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        assert not self.closed, "ran on a closed engine"
+        self.entered.set()
+        assert self.gate.wait(30)
+        self.runs += 1
+        return [np.full((x.shape[0], 2), float(self.batch_size), dtype=np.float32)]
+
+    def close(self) -> None:
+        self.closed = True
+
+    def memory_bytes(self) -> int:
+        return 1000 * self.batch_size
+
+
+def _pool(sizes_that_fail: tuple[int, ...] = ()) -> tuple[VariantPool, dict[int, GatedEngine]]:
+    engines: dict[int, GatedEngine] = {}
+
+    def load(n: int):
+        if n in sizes_that_fail:
+            raise MemoryError(f"no room for batch {n}")
+        engines[n] = GatedEngine(n)
+        return engines[n], ModelVariant(name="m", version="1", backend="onnx", batch_size=n, path="/x", sha256="0" * 64)
+
+    return VariantPool(load, max_resident=2), engines
+
+
+def test_old_variant_is_released_only_after_its_in_flight_batch():
+    pool, engines = _pool()
+    old = pool.ensure(4)
+    engines[4].entered.clear()  # the warm-up run set it; wait for the batch below
+    engines[4].gate.clear()
+    done: list[np.ndarray] = []
+    t = threading.Thread(target=lambda: done.append(old.run(np.zeros((4, 3, 8, 8), np.float32))[0]))
+    t.start()
+    assert engines[4].entered.wait(60)
+    pool.ensure(8)
+    (gone,) = pool.retire([8])
+    closer = threading.Thread(target=gone.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive() and not engines[4].closed  # waits for the in-flight batch
+    assert pool.pick(3).batch_size == 8  # new batches already go to the new variant
+    engines[4].gate.set()
+    t.join(60)
+    closer.join(60)
+    assert done and done[0][0, 0] == 4.0 and engines[4].closed
+
+
+def test_a_batch_that_picked_a_retired_variant_is_rerouted_not_failed():
+    from app.config import DetectorConfig
+    from app.detector import Detector
+
+    pool, engines = _pool()
+    det = Detector(DetectorConfig(max_batch_size=4, batch_sizes=[1, 2, 4, 8]), pool._loader, labels=["a"], input_size=(8, 8))
+    det.pool = pool
+    pool.ensure(4)
+    for lv in pool.retire([]):  # retired and closed between pick and run: simulate with a stale pick
+        stale = lv
+        lv.close()
+    pool.ensure(8)
+    original_pick = pool.pick
+    calls = iter([stale])
+    pool.pick = lambda n: next(calls, None) or original_pick(n)  # first pick returns the closed variant
+    out, lv = det.predict(np.zeros((3, 3, 8, 8), np.float32))
+    assert lv.batch_size == 8 and out.shape == (3, 2) and out[0, 0] == 8.0
+
+
+def test_smallest_loaded_variant_that_fits_and_load_failure_keeps_the_pool():
+    from app.errors import Unavailable
+
+    pool, _ = _pool(sizes_that_fail=(16,))
+    pool.ensure(1)
+    pool.ensure(8)
+    assert pool.pick(1).batch_size == 1 and pool.pick(2).batch_size == 8 and pool.pick(12).batch_size == 8
+    with pytest.raises(Unavailable, match="batch-16"):
+        pool.ensure(16)
+    assert sorted(pool.loaded) == [1, 8]
+
+
+# ----------------------------------------------------------------------------- ControlLoop on fakes
+
+CURVE = {1: 40.0, 2: 70.0, 4: 90.0, 8: 92.0, 16: 91.0}  # items/s per size: saturates at 4
+
+
+@dataclass
+class FakeDetector:
+    """Answers stats() like the deployment, from a throughput curve; may refuse some sizes."""
+
+    size: int = 1
+    fail_sizes: tuple[int, ...] = ()
+    clock: float = 0.0
+    sets: int = 0
+
+    async def stats(self, stream_fps, since):
+        self.clock += 1.0
+        thr = CURVE[self.size]
+        return {
+            "model": "m", "max_batch_size": self.size, "batch_sizes": sorted(CURVE), "node_id": "node-1",
+            "metrics": {"batches": 10, "throughput": thr, "d_batch_s": self.size / thr, "clock": self.clock},
+        }
+
+    async def set_batch_size(self, n):
+        self.sets += 1
+        if n in self.fail_sizes:
+            raise RuntimeError(f"could not load the batch-{n} variant: out of memory")
+        self.size = n
+        return {"max_batch_size": n}
+
+
+def _run(loop: ControlLoop, det: FakeDetector, ticks: int) -> None:
+    async def go():
+        for _ in range(ticks):
+            await loop.tick({"m": ("app", det)})
+
+    asyncio.run(go())
+
+
+def test_throughput_aware_converges_where_a_larger_batch_stops_paying_and_logs_reasons():
+    loop = ControlLoop(ControllerConfig(policy="throughput_aware", policy_params={"min_gain": 0.05}, stream_fps=30.0))
+    det = FakeDetector(size=1)
+    _run(loop, det, 30)
+    st = loop.status()["detectors"]["m"]
+    assert det.size == 4, st["history"]  # 8 gave +2% over 4: stepped back and settled
+    reasons = [h["reason"] for h in st["history"]]
+    assert all(reasons) and st["reason"]
+    assert any("step back to 4" in r for r in reasons) or "settled at 4" in st["reason"]
+    assert st["reason_code"] in ("settled", "no_throughput_gain")
+    sets_after = det.sets
+    _run(loop, det, 10)
+    assert det.size == 4 and det.sets == sets_after  # stationary: no oscillation
+
+
+def test_algorithm1_keeps_raising_while_the_criterion_holds():
+    loop = ControlLoop(ControllerConfig(policy="algorithm1", stream_fps=30.0))
+    det = FakeDetector(size=1)
+    _run(loop, det, 30)
+    assert det.size == 16  # the paper's rule alone ignores that 8 and 16 buy nothing here
+    assert loop.status()["detectors"]["m"]["reason_code"] == "at_largest"
+
+
+def test_a_load_failure_keeps_the_current_size_and_is_recorded():
+    loop = ControlLoop(ControllerConfig(policy="algorithm1", stream_fps=30.0))
+    det = FakeDetector(size=2, fail_sizes=(8,))
+    _run(loop, det, 12)
+    st = loop.status()["detectors"]["m"]
+    assert det.size == 4
+    assert st["last_failure"]["batch_size"] == 8 and st["last_failure"]["kept_batch_size"] == 4
+    assert "out of memory" in st["last_failure"]["error"]
+    failed = [h for h in st["history"] if h["reason_code"] == "load_failed"]
+    assert failed and failed[-1]["batch_size"] == 4 and "kept 4" in failed[-1]["reason"]
+
+
+def test_manual_mode_reads_but_never_changes_and_policy_switch_is_checked():
+    loop = ControlLoop(ControllerConfig(policy="manual"))
+    det = FakeDetector(size=2)
+    _run(loop, det, 3)
+    st = loop.status()["detectors"]["m"]
+    assert det.sets == 0 and st["current_batch_size"] == 2 and st["action"] is None
+    with pytest.raises(ValueError, match="unknown batch-size policy"):
+        loop.set_policy("m", "fastest", {})
+    with pytest.raises(ValueError, match="unknown policy parameter"):
+        loop.set_policy("m", "aimd", {"speed": 3})
+    with pytest.raises(ValueError, match="size=N"):
+        loop.set_policy("m", "fixed", {})
+    loop.set_policy("m", "fixed", {"size": 8})
+    _run(loop, det, 1)
+    assert det.size == 8 and loop.status()["detectors"]["m"]["reason"].startswith("fixed at 8")
+
+
+def test_decisions_are_exported_with_a_reason_code():
+    seen: list[tuple[str, str]] = []
+    loop = ControlLoop(ControllerConfig(policy="aimd"), on_decision=lambda ctl, e: seen.append((e["action"], e["reason_code"])))
+    _run(loop, FakeDetector(size=1), 6)
+    assert seen and any(a == "raise" for a, _ in seen)
+    assert reason_code(Decision(2, "lower", "load or run failed at batch 4 (out of memory?): lower to 2", "aimd", 4)) == "load_failed"
+
+
+def test_observations_from_stats_with_and_without_a_device_sample():
+    @dataclass
+    class Dev:
+        util_percent: float = 50.0
+        mem_used_bytes: int = 3
+        mem_total_bytes: int = 4
+
+    @dataclass
+    class Node:
+        cpu_percent: float = 20.0
+        ram_used_bytes: int = 1
+        ram_total_bytes: int = 10
+        devices: list = None
+
+    stats = {"max_batch_size": 4, "metrics": {"batches": 3, "throughput": 80.0, "d_batch_s": 0.05}}
+    gpu = observation_from_stats(stats, 30.0, Node(devices=[Dev()]))
+    assert gpu.mem_fraction == pytest.approx(0.75) and gpu.device_util == pytest.approx(0.5)
+    cpu_only = observation_from_stats(stats, 30.0, Node(devices=[]))
+    assert cpu_only.mem_fraction == pytest.approx(0.1)
+    assert observation_from_stats(stats, 30.0, None).mem_fraction is None
+    assert observation_from_stats({**stats, "metrics": {"batches": 0}}, 30.0) is None
+
+
+def test_promql_path_builds_the_same_observation():
+    @dataclass
+    class Sample:
+        labels: dict
+        value: float
+
+    series = {"throughput": 88.0, "d_batch": 0.07, "max_batch_size": 4}
+    asked: list[str] = []
+
+    def query(expr: str):
+        asked.append(expr)
+        for key, value in series.items():
+            if f"ray_edgebatch_{key}" in expr:
+                return [Sample({"model": "m"}, value)]
+        return []
+
+    obs = observation_from_promql(query, "m", 30.0, current=4)
+    assert obs.batch_size == 4 and obs.throughput == 88.0 and obs.d_batch_s == pytest.approx(0.07)
+    assert all('model="m"' in e for e in asked)
+    assert observation_from_promql(query, "m", 30.0, current=8) is None  # not scraped at the new size yet
+    assert observation_from_promql(lambda e: [], "m", 30.0, current=4) is None
+    # with the node: the accelerator's memory when the collectors export one, else the node's RAM
+    series.update({"node_ram_used_bytes": 2e9, "node_ram_total_bytes": 8e9})
+    cpu_node = observation_from_promql(query, "m", 30.0, current=4, node="n1")
+    assert cpu_node.mem_fraction == pytest.approx(0.25) and cpu_node.device_util is None
+    series.update({"device_util_percent": 60.0, "device_mem_used_bytes": 3e9, "device_mem_total_bytes": 4e9})
+    gpu_node = observation_from_promql(query, "m", 30.0, current=4, node="n1")
+    assert gpu_node.mem_fraction == pytest.approx(0.75) and gpu_node.device_util == pytest.approx(0.6)
+    assert any('node="n1"' in e and 'kind!="cpu"' in e for e in asked)
+
+
+# ----------------------------------------------------------------------------- live, on the session app
+
+
+class Load:
+    """Closed-loop HTTP clients in threads, recording every reply (status, variant batch size)."""
+
+    def __init__(self, url: str, clients: int = 6) -> None:
+        from app.bench.images import sample_jpegs
+
+        self.frames = sample_jpegs(n=4, width=640, height=360)
+        self.url = f"{url}/v1/detect"
+        self.stop = threading.Event()
+        self.replies: list[tuple[int, int | None]] = []
+        self.errors: list[str] = []
+        self.threads = [threading.Thread(target=self._worker, args=(i,), daemon=True) for i in range(clients)]
+
+    def _worker(self, i: int) -> None:
+        with httpx.Client(timeout=60) as client:
+            while not self.stop.is_set():
+                try:
+                    r = client.post(self.url, content=self.frames[i % len(self.frames)], headers={"Content-Type": "image/jpeg"})
+                    self.replies.append((r.status_code, r.json().get("batch_size") if r.status_code == 200 else None))
+                except httpx.HTTPError as exc:
+                    self.errors.append(repr(exc))
+
+    def __enter__(self) -> "Load":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(90)
+
+    def count(self) -> int:
+        return len(self.replies)
+
+
+def _detector():
+    from ray import serve
+
+    return serve.get_deployment_handle("Detector", app_name="edgebatch")
+
+
+@pytest.mark.ray
+def test_swap_under_concurrent_load_fails_no_request(serve_app):
+    handle = _detector()
+    handle.set_batch_size.remote(8, 0.05).result(timeout_s=120)
+    try:
+        with Load(serve_app["url"]) as load:
+            wait_for(lambda: load.count() >= 10, 120, "steady load before the swap")
+            info = handle.set_batch_size.remote(2, 0.05).result(timeout_s=120)
+            assert info["max_batch_size"] == 2
+            mark = load.count()
+            wait_for(lambda: load.count() >= mark + 15, 120, "replies after the swap to 2")
+            handle.set_batch_size.remote(4, 0.05).result(timeout_s=120)
+            mark4 = load.count()
+            wait_for(lambda: any(b == 4 for _, b in load.replies[mark4:]), 120, "a reply from the batch-4 variant")
+        statuses = [s for s, _ in load.replies]
+        assert load.errors == [] and set(statuses) == {200}, (load.errors[:3], sorted(set(statuses)))
+        # after the switch to 2 (past the <= 6 requests already in flight), no larger variant serves
+        assert max(b for _, b in load.replies[mark + 6 : mark4]) <= 2
+        info = handle.info.remote().result(timeout_s=30)
+        assert sorted(int(s) for s in info["loaded_variants"]) == [1, 4]  # target + smallest resident, 8 and 2 released
+        stats = handle.stats.remote(30.0).result(timeout_s=30)
+        assert stats["metrics"]["batches"] > 0 and stats["metrics"]["stages"]["infer"]["mean_s"] > 0
+        assert stats["metrics"]["batch_sizes"] and max(stats["metrics"]["batch_sizes"]) <= 4
+    finally:
+        handle.set_batch_size.remote(8, 0.005).result(timeout_s=120)
+
+
+@pytest.mark.ray
+def test_load_failure_keeps_serving_on_the_current_variant_and_is_reported(serve_app):
+    from deployments import launcher
+
+    handle = _detector()
+    config = copy.deepcopy(serve_app["config"])
+    uc = config["applications"][0]["deployments"][0]["user_config"]
+    uc["batch_sizes"] = [1, 2, 4, 8, 16, 32]  # 32 is allowed, but the registry has no such variant
+    launcher.deploy(config)
+    wait_for(lambda: 32 in handle.stats.remote().result(timeout_s=30)["batch_sizes"], 90, "batch_sizes with 32 to apply")
+    try:
+        with pytest.raises(Exception, match="no onnx variant for batch 32"):
+            handle.set_batch_size.remote(32).result(timeout_s=120)
+        stats = handle.stats.remote().result(timeout_s=30)
+        assert stats["max_batch_size"] == 8 and 32 not in stats["loaded_variants"]
+        assert stats["last_load_failure"]["batch_size"] == 32 and stats["last_load_failure"]["kept_batch_size"] == 8
+        from app.bench.images import sample_jpegs
+
+        r = httpx.post(f"{serve_app['url']}/v1/detect", content=sample_jpegs(1, 640, 360)[0], timeout=60)
+        assert r.status_code == 200 and r.json()["batch_size"] in (1, 8)
+    finally:
+        launcher.deploy(serve_app["config"])
+        wait_for(lambda: 32 not in handle.stats.remote().result(timeout_s=30)["batch_sizes"], 90, "batch_sizes restored")
+
+
+@pytest.mark.ray
+def test_controller_deployment_decides_with_a_reason_and_pins_on_request(serve_app, deploy_apps):
+    from ray import serve
+
+    from deployments.controller import APP_NAME, DEPLOYMENT_NAME
+
+    app = copy.deepcopy(next(a for a in serve_app["config"]["applications"] if a["name"] == APP_NAME))
+    app.pop("runtime_env", None)
+    app["deployments"][0]["user_config"].update(
+        {"interval_s": 1.0, "policy": "throughput_aware", "detectors": [{"app": "edgebatch"}]})
+    deploy_apps([app])
+    controller = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP_NAME)
+    detector = _detector()
+    try:
+        with Load(serve_app["url"], clients=4):
+            def decided():
+                status = controller.status.remote().result(timeout_s=30)
+                d = status["detectors"].get("demo-detector", {})
+                return d.get("reason") if d.get("policy") == "throughput_aware" and d.get("action") else None
+
+            st = wait_for(decided, 150, "a controller decision with a reason")
+        status = controller.status.remote().result(timeout_s=30)["detectors"]["demo-detector"]
+        assert status["policy"] == "throughput_aware" and status["action"] in ("raise", "lower", "keep")
+        assert st and status["last_observation"]["throughput"] > 0
+
+        pinned = controller.set_fixed.remote("demo-detector", 2).result(timeout_s=120)
+        assert "error" not in pinned and pinned["current_batch_size"] == 2 and pinned["policy"] == "fixed"
+        assert "operator set batch size 2" in pinned["reason"]
+        assert detector.info.remote().result(timeout_s=30)["max_batch_size"] == 2
+        bad = controller.set_fixed.remote("demo-detector", 3).result(timeout_s=60)
+        assert "not one of" in bad["error"]
+        assert "no detector serves model 'nope'" in controller.set_policy.remote("nope", "aimd").result(timeout_s=60)["error"]
+
+        from deployments.launcher import serve_summary
+
+        summary = serve_summary()
+        assert summary["applications"]["edgebatch"]["detector"]["controller"]["policy"] == "fixed"
+
+        # the operator's CLI on the same controller
+        import io
+        import json
+        from contextlib import redirect_stderr, redirect_stdout
+
+        from app.cli import main
+
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            assert main(["batch", "set", "demo-detector", "4"]) == 0
+            assert main(["batch", "auto", "demo-detector", "--policy", "aimd", "--fps", "15"]) == 0
+            assert main(["batch", "status", "--json"]) == 0
+            assert main(["batch", "set", "no-such-model", "4"]) == 2
+            assert main(["status"]) == 0
+        text = out.getvalue()
+        assert "demo-detector: batch size 4 (fixed" in text and "policy aimd" in text
+        cli_status = json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
+        assert cli_status["detectors"]["demo-detector"]["policy"] == "aimd"
+        assert cli_status["detectors"]["demo-detector"]["stream_fps"] == 15.0
+        assert "no detector serves model 'no-such-model'" in err.getvalue() and "Traceback" not in err.getvalue()
+        assert "controller: policy aimd" in text  # `edgebatch status` shows the controller's view
+    finally:
+        deploy_apps(remove=[APP_NAME])
+        detector.set_batch_size.remote(8, 0.005).result(timeout_s=120)
+
+
+@pytest.mark.ray
+def test_promql_observation_from_a_real_prometheus(serve_app, tmp_path):
+    """The controller's PromQL path against Debian's Prometheus scraping this cluster's metrics port."""
+    import os
+    import subprocess
+
+    from app.monitoring.promql import PromQLClient, prometheus_config
+    from deployments.collectors import ray_metrics_targets
+    from tests.conftest import free_port
+
+    binary = "/usr/bin/prometheus"
+    if not os.path.exists(binary):
+        pytest.skip("/usr/bin/prometheus is not installed (Debian package `prometheus`)")
+    config_file = tmp_path / "prometheus.yml"
+    config_file.write_text(prometheus_config(ray_metrics_targets(), scrape_interval_s=1))
+    port = free_port()
+    log = open(tmp_path / "prometheus.log", "w")
+    proc = subprocess.Popen([binary, f"--config.file={config_file}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    client = PromQLClient(f"http://127.0.0.1:{port}", timeout_s=5)
+    try:
+        wait_for(lambda: proc.poll() is not None or client.ready(), 60, "Prometheus to be ready")
+        assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
+        stats = _detector().stats.remote().result(timeout_s=30)
+        with Load(serve_app["url"], clients=3):
+            obs = wait_for(lambda: observation_from_promql(client.query, "demo-detector", 30.0,
+                                                           current=stats["max_batch_size"], node=stats["node_id"]),
+                           150, "the detector's gauges in Prometheus")
+        assert obs.batch_size == stats["max_batch_size"] and obs.throughput > 0 and obs.d_batch_s > 0
+        hist = client.query('sum(ray_edgebatch_batch_size_count{model="demo-detector"})')
+        assert hist and hist[0].value > 0  # the per-batch histogram is exported too
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+
+
+def test_plan_cuts_a_small_batch_into_smaller_runs_only_when_padding_costs_more():
+    pool, _ = _pool()
+    b1, b8 = pool.ensure(1), pool.ensure(8)
+    b1.run_s, b8.run_s = 0.010, 0.080  # CPU-like: time grows with the padded size
+    assert [lv.batch_size for lv in pool.plan(5)] == [1] * 5
+    assert [lv.batch_size for lv in pool.plan(8)] == [8]
+    assert [lv.batch_size for lv in pool.plan(12)] == [8, 1, 1, 1, 1]  # beyond the largest: pieces
+    b8.run_s = 0.030  # GPU-like: the padded run is cheaper than five small ones
+    assert [lv.batch_size for lv in pool.plan(5)] == [8]
+
+    from app.config import DetectorConfig
+    from app.detector import Detector
+
+    det = Detector(DetectorConfig(max_batch_size=8, batch_sizes=[1, 8]), pool._loader, labels=["a"], input_size=(8, 8))
+    det.pool = pool
+    b8.run_s = 0.080
+    out, lv = det.predict(np.zeros((3, 3, 8, 8), np.float32))
+    assert out.shape == (3, 2) and list(out[:, 0]) == [1.0, 1.0, 1.0] and lv.batch_size == 1
+    out, lv = det.predict(np.zeros((10, 3, 8, 8), np.float32))
+    assert out.shape == (10, 2) and list(out[:, 0]) == [8.0] * 8 + [1.0] * 2 and lv.batch_size == 8
