@@ -1,0 +1,313 @@
+"""The ``edgebatch-streams`` Serve application: camera and file streams through the shared detector.
+
+Each stream's reader is a Ray actor (small ``num_cpus``), placed on the node that owns the
+camera when one is named. Inside it the Ray-free staged pipeline decodes and letterboxes
+frames, hands each frame to the detector deployment through a DeploymentHandle
+(``infer_row``: the same ``@serve.batch`` batcher as HTTP requests, so frames of many
+streams share batches), and post-processes the rows in order. The ingress only keeps the
+stream table and relays status and events; it never touches frames.
+"""
+
+# no `from __future__ import annotations`: FastAPI must see real types on the routes
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any, Callable, Literal
+
+import numpy as np
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from ray.serve import Application
+
+from app.errors import BadRequest, EdgebatchError, NotFound, Unavailable
+
+log = logging.getLogger("ray.serve")
+
+ACTOR_NAMESPACE = "edgebatch-streams"
+api = FastAPI(title="edgebatch streams", description="Real-time video analytics through the batched detector")
+
+
+class _CollectionPath:
+    """ASGI middleware: ``/v1/streams`` (the route prefix itself) is routed as ``/v1/streams/`` instead of
+    answering a 307 redirect, so ``POST /v1/streams`` works for clients that do not follow redirects."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") == "http" and scope.get("root_path") and scope.get("path") == scope["root_path"]:
+            scope = {**scope, "path": scope["path"] + "/", "raw_path": (scope["path"] + "/").encode()}
+        await self.app(scope, receive, send)
+
+
+api.add_middleware(_CollectionPath)
+
+
+def actor_name(stream_id: str) -> str:
+    return f"edgebatch-stream-{stream_id}"
+
+
+class StreamRequest(BaseModel):
+    """The POST /v1/streams body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str | int = Field(..., description="video file path, URL OpenCV opens (rtsp://, http://), or camera index")
+    model: str | None = Field(None, description="registered model; default the detector's")
+    fps: float = Field(30.0, gt=0, le=240)
+    behind: Literal["drop_oldest", "queue"] = "drop_oldest"
+    queue_bound: int = Field(8, ge=1, le=10000)
+    jsonl: str | None = Field(None, description="write per-frame results as JSON Lines here (on the reader's node)")
+    video_out: str | None = Field(None, description="write an annotated .mp4/.avi here (on the reader's node)")
+    node: str | None = Field(None, description="run the reader on this node: node id, IP or hostname")
+    loop: bool = Field(False, description="replay a file forever (a camera stand-in)")
+    reconnect_attempts: int | None = Field(8, ge=0, le=100000, description="None = retry forever")
+    reconnect_initial_s: float = Field(0.5, gt=0, le=60)
+    id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,40}$")
+
+
+def _error(exc: EdgebatchError) -> JSONResponse:
+    return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+
+def _parse_request(data: Any) -> StreamRequest:
+    try:
+        return StreamRequest.model_validate(data)
+    except ValidationError as exc:
+        problems = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()]
+        raise BadRequest("invalid stream request: " + "; ".join(problems)) from None
+
+
+def resolve_node(wanted: str, nodes: list[dict[str, Any]]) -> str:
+    """A node id, IP or hostname -> the alive node's id; BadRequest listing the alive nodes otherwise."""
+    alive = [n for n in nodes if n.get("Alive")]
+    for n in alive:
+        if wanted in (n.get("NodeID"), n.get("NodeManagerAddress"), n.get("NodeManagerHostname"), n.get("NodeName")):
+            return n["NodeID"]
+    prefix = [n for n in alive if len(wanted) >= 6 and n["NodeID"].startswith(wanted)]
+    if len(prefix) == 1:
+        return prefix[0]["NodeID"]
+    known = ", ".join(f"{n['NodeID'][:12]} ({n.get('NodeManagerAddress')})" for n in alive)
+    raise BadRequest(f"node {wanted!r} is not an alive Ray node; alive nodes: {known}")
+
+
+class HandleEngineStage:
+    """The engine stage of a Ray reader: each frame goes to the detector deployment on its own
+    (``max_local_batch`` 1); Serve's batcher forms batches across every stream and HTTP client."""
+
+    max_local_batch = 1
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def submit(self, rows: list[np.ndarray]) -> Callable[[], Any]:
+        from app.streams.pipeline import EngineOutput
+
+        responses = [self.handle.infer_row.remote(r) for r in rows]
+
+        def wait() -> EngineOutput:
+            outs = [r.result(timeout_s=60) for r in responses]
+            return EngineOutput([o["output"] for o in outs], max(o["inference_s"] for o in outs),
+                                [int(o["items_in_batch"]) for o in outs])
+
+        return wait
+
+
+@ray.remote(num_cpus=0.1, max_concurrency=8)
+class StreamReaderActor:
+    """One stream: reader, pre- and post-processing on this node; inference through the detector handle."""
+
+    def __init__(self, stream_id: str, detector_app: str, detector_info: dict[str, Any]) -> None:
+        from app.streams.pipeline import PostprocessParams, StreamPipeline
+
+        self.stream_id = stream_id
+        handle = serve.get_deployment_handle("Detector", app_name=detector_app)
+        size = detector_info.get("input_size") or [320, 320]
+        self.pipeline = StreamPipeline(
+            HandleEngineStage(handle),
+            input_size=(int(size[0]), int(size[1])),
+            post=PostprocessParams(labels=list(detector_info.get("labels") or [])),
+            batch_wait_s=0.0,
+            max_in_flight=32,
+        )
+        self.results = None
+
+    def start(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Probe the source here (on the reader's node) and start; an error dict, never a raise."""
+        from app.streams.pipeline import StreamOptions
+        from app.streams.reader import Backoff
+        from app.streams.sinks import AnnotatedVideoSink, JsonlSink, ResultLog
+
+        sinks: list[Any] = []
+        try:
+            options = StreamOptions(
+                fps=req["fps"], behind=req["behind"], queue_bound=req["queue_bound"], loop=req["loop"],
+                backoff=Backoff(initial_s=req["reconnect_initial_s"], max_attempts=req["reconnect_attempts"]),
+            )
+            self.results = ResultLog(1024)
+            sinks.append(self.results)
+            if req.get("jsonl"):
+                sinks.append(JsonlSink(req["jsonl"]))
+            if req.get("video_out"):
+                sinks.append(AnnotatedVideoSink(req["video_out"], req["fps"]))
+            self.pipeline.add_stream(req["source"], options, sinks=sinks, stream_id=self.stream_id,
+                                     node=ray.get_runtime_context().get_node_id())
+        except EdgebatchError as exc:
+            for s in sinks:
+                s.close()
+            return {"error": exc.message, "status": exc.status}
+        return {"status": 201, "stream": self.status()}
+
+    def status(self) -> dict[str, Any]:
+        return self.pipeline.status(self.stream_id)
+
+    def events(self, cursor: int, timeout_s: float = 1.0) -> dict[str, Any]:
+        assert self.results is not None
+        return self.results.since(cursor, timeout_s)
+
+    def stop(self) -> dict[str, Any]:
+        status = self.pipeline.remove_stream(self.stream_id)
+        status["state"] = "stopped" if status["state"] not in ("failed", "finished") else status["state"]
+        self.pipeline.close()
+        return status
+
+
+@serve.deployment(name="StreamsIngress", max_ongoing_requests=100, ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class StreamsIngress:
+    """The stream table: id -> reader actor. One replica (the table is its state)."""
+
+    def __init__(self, detector_app: str = "edgebatch", reader_num_cpus: float = 0.1) -> None:
+        self.detector_app = detector_app
+        self.reader_num_cpus = reader_num_cpus
+        self.streams: dict[str, Any] = {}
+        self.requests: dict[str, dict[str, Any]] = {}
+
+    async def _detector_info(self) -> dict[str, Any]:
+        try:
+            handle = serve.get_deployment_handle("Detector", app_name=self.detector_app)
+            return await asyncio.wait_for(handle.info.remote(), timeout=30)
+        except Exception as exc:
+            raise Unavailable(f"the detector application '{self.detector_app}' is not reachable ({exc}); "
+                              "start it with `edgebatch up`") from None
+
+    @api.post("/")
+    async def create(self, request: Request) -> JSONResponse:
+        try:
+            try:
+                data = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise BadRequest('body must be JSON like {"source": "/path/clip.mp4", "fps": 30}') from None
+            req = _parse_request(data)
+            info = await self._detector_info()
+            if req.model and req.model != info.get("model"):
+                raise BadRequest(f"model {req.model!r} is not served by '{self.detector_app}'; it serves "
+                                 f"{info.get('model')!r} (omit model or deploy that model)")
+            sid = req.id or uuid.uuid4().hex[:8]
+            if sid in self.streams:
+                raise BadRequest(f"stream id {sid!r} already exists; DELETE it first or pick another id")
+            options: dict[str, Any] = {"name": actor_name(sid), "namespace": ACTOR_NAMESPACE,
+                                       "num_cpus": self.reader_num_cpus}
+            if req.node:
+                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+                node_id = resolve_node(req.node, ray.nodes())
+                options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+            actor = StreamReaderActor.options(**options).remote(sid, self.detector_app, info)
+            try:
+                started = await asyncio.wait_for(actor.start.remote(req.model_dump()), timeout=120)
+            except Exception as exc:
+                ray.kill(actor)
+                raise Unavailable(f"the reader for stream {sid} did not start: {exc}") from None
+            if "error" in started:
+                ray.kill(actor)
+                raise EdgebatchError(started["error"], status=started["status"])
+            self.streams[sid] = actor
+            self.requests[sid] = req.model_dump()
+            return JSONResponse(started["stream"], status_code=201)
+        except EdgebatchError as exc:
+            return _error(exc)
+
+    async def _status(self, sid: str, actor: Any) -> dict[str, Any]:
+        try:
+            return await asyncio.wait_for(actor.status.remote(), timeout=15)
+        except Exception as exc:  # the actor (or its node) died: report it, keep the table
+            req = self.requests.get(sid, {})
+            return {"id": sid, "source": req.get("source"), "state": "failed",
+                    "reason": f"reader actor is gone: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+
+    def _actor(self, sid: str) -> Any:
+        actor = self.streams.get(sid)
+        if actor is None:
+            raise NotFound(f"no stream {sid!r}; list them with GET /v1/streams")
+        return actor
+
+    @api.get("/")
+    async def list_streams(self) -> dict:
+        items = await asyncio.gather(*(self._status(sid, a) for sid, a in self.streams.items()))
+        return {"streams": list(items)}
+
+    @api.get("/{stream_id}")
+    async def show(self, stream_id: str) -> JSONResponse:
+        try:
+            return JSONResponse(await self._status(stream_id, self._actor(stream_id)))
+        except EdgebatchError as exc:
+            return _error(exc)
+
+    @api.delete("/{stream_id}")
+    async def remove(self, stream_id: str) -> JSONResponse:
+        try:
+            actor = self._actor(stream_id)
+        except EdgebatchError as exc:
+            return _error(exc)
+        try:
+            final = await asyncio.wait_for(actor.stop.remote(), timeout=30)
+        except Exception as exc:
+            final = {"id": stream_id, "state": "stopped", "reason": f"reader was already gone: {type(exc).__name__}"}
+        ray.kill(actor)  # frees the actor's CPU share and process
+        self.streams.pop(stream_id, None)
+        self.requests.pop(stream_id, None)
+        return JSONResponse({"deleted": stream_id, "final": final})
+
+    @api.get("/{stream_id}/events")
+    async def events(self, stream_id: str, cursor: int = 0) -> Any:
+        """Server-sent events: one `frame` event per frame in order, then `end` with the reason."""
+        try:
+            actor = self._actor(stream_id)
+        except EdgebatchError as exc:
+            return _error(exc)
+
+        async def feed():
+            pos = max(0, cursor)
+            while True:
+                try:
+                    got = await asyncio.wait_for(actor.events.remote(pos, 1.0), timeout=30)
+                except Exception as exc:
+                    yield f"event: end\ndata: {json.dumps({'reason': f'reader gone: {type(exc).__name__}'})}\n\n"
+                    return
+                base = got["cursor"] - len(got["events"])
+                for i, ev in enumerate(got["events"]):
+                    yield f"id: {base + i}\nevent: frame\ndata: {json.dumps(ev)}\n\n"
+                pos = got["cursor"]
+                if got["missed"]:
+                    yield f"event: missed\ndata: {json.dumps({'missed': got['missed']})}\n\n"
+                if got["ended"]:
+                    yield f"event: end\ndata: {json.dumps({'reason': got['reason'], 'at': time.time()})}\n\n"
+                    return
+                if not got["events"]:
+                    yield ": keep-alive\n\n"
+
+        return StreamingResponse(feed(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """``import_path: deployments.streams:build_app``; args: detector_app, reader_num_cpus."""
+    args = dict(args or {})
+    return StreamsIngress.bind(detector_app=str(args.get("detector_app", "edgebatch")),
+                               reader_num_cpus=float(args.get("reader_num_cpus", 0.1)))
