@@ -1,0 +1,80 @@
+"""cluster.yaml checked offline with Ray's own preparation and validation, and against the tenancy tags."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict:
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def node_resources(cluster: dict) -> dict[str, dict[str, float]]:
+    """The host -> resources mapping the setup commands write."""
+    cmd = next(c for c in cluster["setup_commands"] if "node_resources.json" in c and "printf" in c)
+    return json.loads(re.search(r"printf '%s' '(.*)'", cmd, re.S).group(1))
+
+
+def test_ray_prepares_and_validates_the_file(cluster):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(cluster))
+    validate_config(prepared)
+    assert prepared["provider"]["type"] == "local"
+    assert "available_node_types" not in cluster  # the local provider refuses it (field notes)
+    assert prepared["provider"]["head_ip"] == cluster["provider"]["head_ip"]
+
+
+def test_every_host_declares_its_tags(cluster):
+    mapping = node_resources(cluster)
+    hosts = {cluster["provider"]["head_ip"], *cluster["provider"]["worker_ips"]}
+    assert set(mapping) == hosts
+    for ip, res in mapping.items():
+        assert res and all(isinstance(v, (int, float)) and v > 0 for v in res.values()), ip
+        assert any(k.endswith("_node") for k in res), f"{ip} declares no node tag"
+    starts = cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]
+    assert sum("--resources=" in c for c in starts) == 2
+    assert any("--head" in c for c in cluster["head_start_ray_commands"])
+    assert any("pip install" in c and "~/edgebatch" in c for c in cluster["setup_commands"])
+
+
+def test_start_command_picks_this_hosts_resources(cluster, tmp_path):
+    """Run the start command's own lookup with a fake home and a fake `hostname -I`."""
+    mapping = node_resources(cluster)
+    cmd = next(c for c in cluster["worker_start_ray_commands"] if "--resources=" in c)
+    code = re.search(r"-c '(.*?)'\)\"", cmd, re.S).group(1)
+    (tmp_path / ".edgebatch").mkdir()
+    (tmp_path / ".edgebatch" / "node_resources.json").write_text(json.dumps(mapping))
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    edge_ip = cluster["provider"]["worker_ips"][-1]
+    (fake_bin / "hostname").write_text(f"#!/bin/sh\necho 10.9.9.9 {edge_ip}\n")
+    (fake_bin / "hostname").chmod(0o755)
+    env = {"HOME": str(tmp_path), "PATH": f"{fake_bin}:/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert json.loads(out.stdout) == mapping[edge_ip]
+
+
+def test_example_tenancy_tags_are_offered_by_the_cluster(cluster):
+    from app.tenancy import parse_tenancy, tag_resource
+
+    serve_cfg = yaml.safe_load((ROOT / "deployments" / "tenancy_example.yaml").read_text())
+    args = dict(serve_cfg["applications"][0]["args"])
+    for key in ("placement_timeout_s", "retry_after_s"):
+        args.pop(key, None)
+    tenancy = parse_tenancy(args)
+    offered = {k for res in node_resources(cluster).values() for k in res}
+    for model in tenancy.models:
+        for p in model.placements:
+            assert tag_resource(p.tag) in offered, f"{model.name}/{p.name}: no host declares {tag_resource(p.tag)}"
