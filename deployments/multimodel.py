@@ -1,0 +1,185 @@
+"""The multi-model deployment: many models on one replica under one memory budget (issue 7).
+
+Requests name their model with Ray Serve's multiplexing header
+``serve_multiplexed_model_id`` (``POST /v1/multi/infer``) or as the Open Inference
+Protocol v2 model name (``POST /v1/multi/v2/models/{name}/infer``); bodies are v2
+infer requests. The replica's ``MultiModelHost`` keeps whole models resident while
+they fit the byte budget (least recently used evicted) and runs models that do not
+fit through their registered split form under the configured loading policy.
+
+Why not ``@serve.multiplexed``: it caps models by COUNT per replica; a budget in
+bytes is what an edge device has, so the host does the LRU itself. The header is
+still Serve's, so clients and handles (``.options(multiplexed_model_id=...)``) work
+unchanged. Without a model name Serve would answer 500; here it is a 400 naming
+the header.
+"""
+
+# no `from __future__ import annotations`: FastAPI must see real types (Request) on the routes
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+
+from app.config import parse_config
+from app.errors import BadRequest, EdgebatchError, NotFound, PayloadTooLarge
+from app.layered.multimodel import ModelSource, MultiModelConfig, MultiModelHost
+from app.state import StateDir
+
+log = logging.getLogger("ray.serve")
+
+MODEL_HEADER = "serve_multiplexed_model_id"
+MAX_BODY_BYTES = 64 * 1024 * 1024
+_V2_TYPES = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64",
+             "tensor(int64)": "INT64", "tensor(int32)": "INT32", "tensor(uint8)": "UINT8"}
+
+api = FastAPI(title="edgebatch multi-model", description="Many models under one memory budget")
+
+
+def _error(exc: EdgebatchError) -> JSONResponse:
+    return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+
+def registry_resolver(config: MultiModelConfig, state: StateDir) -> Callable[[str], ModelSource]:
+    """Model name -> verified local files (whole variant and, if registered, its stages)."""
+    from model_registry.repository import ModelRepository, validate_name
+    from model_registry.split import find_stages
+
+    repo = ModelRepository.from_env(state)
+
+    def resolve(name: str) -> ModelSource:
+        validate_name(name)
+        if config.models and name not in config.models:
+            raise NotFound(f"model {name!r} is not served by this deployment; served: {', '.join(config.models)} "
+                           "(user_config.models)")
+        version = None
+        if config.alias:
+            try:
+                version = repo.resolve(name, alias=config.alias)
+            except NotFound:
+                version = None  # no such alias on this model: serve its latest version
+        version = version or repo.resolve(name)
+        whole = repo.find(name, version=version, batch_size=config.batch_size, backend="onnx")
+        try:
+            stages = find_stages(repo, name, version, batch_size=config.batch_size, stages=config.stages)
+        except NotFound:
+            stages = []  # no split registered: the model can only run whole
+        return ModelSource(name, version, Path(whole.path), tuple(stages))
+
+    return resolve
+
+
+@serve.deployment(name="MultiModel", max_ongoing_requests=32, graceful_shutdown_timeout_s=5)
+@serve.ingress(api)
+class MultiModelDeployment:
+    """One ``MultiModelHost`` per replica; ``user_config`` sets budget, policy and order (live)."""
+
+    def __init__(self) -> None:
+        self._state = StateDir.default()
+        self._host: MultiModelHost | None = None
+        self._config: MultiModelConfig | None = None
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        config = parse_config(MultiModelConfig, user_config, "user_config")
+        options = {"intra_op_num_threads": config.intra_op_threads} if config.intra_op_threads else None
+        host = MultiModelHost(config.budget_bytes, registry_resolver(config, self._state), policy=config.policy,
+                              order=config.order, options=options)
+        host.start()
+        old, self._host, self._config = self._host, host, config
+        if old is not None:
+            await asyncio.get_running_loop().run_in_executor(None, old.close)
+        log.info("multi-model host: budget %.1f MB, %s loading, %s order", config.budget_mb, config.policy,
+                 config.order)
+
+    def __del__(self) -> None:
+        if self._host is not None:
+            self._host.close()
+
+    def _require_host(self) -> MultiModelHost:
+        if self._host is None:
+            raise EdgebatchError("the multi-model host is not configured yet; retry in a moment", status=503)
+        return self._host
+
+    async def _signature(self, name: str):
+        from app.oip import ModelSignature, TensorSpec
+
+        host = self._require_host()
+        source, inputs, outputs = await asyncio.get_running_loop().run_in_executor(None, host.describe, name)
+        return source, ModelSignature(
+            name=name, versions=[source.version], platform="onnxruntime_onnx",
+            inputs=[TensorSpec(n, _V2_TYPES.get(t, "FP32"), shape) for n, (shape, t) in inputs.items()],
+            outputs=[TensorSpec(n, _V2_TYPES.get(t, "FP32"), [d if d > 0 else -1 for d in shape])
+                     for n, (shape, t) in outputs.items()],
+            max_batch_size=0,
+        )
+
+    async def _infer(self, name: str, request: Request, version: str | None = None) -> Response:
+        from app.oip import decode_infer_request, encode_infer_response
+
+        try:
+            length = int(request.headers.get("content-length") or 0)
+            if length > MAX_BODY_BYTES:
+                raise PayloadTooLarge(f"request body is {length} bytes; the limit is {MAX_BODY_BYTES}")
+            source, sig = await self._signature(name)
+            if version is not None and version != source.version:
+                raise NotFound(f"model {name} is served at version {source.version}, not {version}")
+            req = decode_infer_request(await request.body(), request.headers, sig)
+            outcome = await asyncio.wrap_future(self._require_host().submit(name, req.inputs))
+            payload, headers = encode_infer_response(name, source.version, outcome.outputs, req)
+            headers = {**headers, "X-Edgebatch-Mode": outcome.mode,
+                       "X-Edgebatch-Evicted": ",".join(outcome.evicted)}
+            return Response(content=payload, headers=headers,
+                            media_type=headers.get("Content-Type", "application/json"))
+        except EdgebatchError as exc:
+            return _error(exc)
+        except (KeyError, ValueError) as exc:
+            return _error(BadRequest(f"bad inference request for {name!r}: {exc}"))
+
+    @api.post("/infer")
+    async def infer(self, request: Request) -> Response:
+        name = serve.get_multiplexed_model_id() or request.headers.get(MODEL_HEADER, "")
+        if not name:
+            return _error(BadRequest(
+                f"no model named: set the HTTP header {MODEL_HEADER}: NAME (or use "
+                "/v1/multi/v2/models/NAME/infer)"))
+        return await self._infer(name, request)
+
+    @api.post("/v2/models/{name}/infer")
+    @api.post("/v2/models/{name}/versions/{version}/infer")
+    async def v2_infer(self, name: str, request: Request, version: str | None = None) -> Response:
+        return await self._infer(name, request, version)
+
+    @api.get("/v2/models/{name}")
+    async def v2_model(self, name: str) -> Response:
+        from app.oip import model_metadata
+
+        try:
+            _, sig = await self._signature(name)
+        except EdgebatchError as exc:
+            return _error(exc)
+        return JSONResponse(model_metadata(sig))
+
+    @api.get("/v2/health/ready")
+    async def ready(self) -> Response:
+        return Response(status_code=200 if self._host is not None else 503)
+
+    @api.get("/info")
+    async def http_info(self) -> dict:
+        return self.info()
+
+    def info(self) -> dict:
+        """Budget, resident models (LRU first), per-model mode and measured costs, counters."""
+        host = self._require_host()
+        return {**host.info(), "config": self._config.model_dump() if self._config else None}
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """The ``edgebatch-multimodel`` application (import_path ``deployments.multimodel:build_app``)."""
+    return MultiModelDeployment.bind()
+
+
+__all__ = ["MODEL_HEADER", "MultiModelDeployment", "build_app", "registry_resolver"]
