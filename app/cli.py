@@ -22,11 +22,15 @@ COMMAND_MODULES = (
     "app.commands.demo",
     "app.commands.batch",
     "app.commands.streams",
+    "app.commands.monitor",
 )
 
 
 def _quiet_env() -> None:
+    """Defaults set before Ray is imported (Ray reads them once, at import)."""
     for key, value in (
+        # `ray start` (Ray 2.60) turns token auth on, but a driver only sends the token in this mode
+        ("RAY_AUTH_MODE", "token"),
         ("RAY_USAGE_STATS_ENABLED", "0"),
         ("MLFLOW_DISABLE_TELEMETRY", "true"),
         ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),

@@ -47,3 +47,8 @@ class StateDir:
     @property
     def videos(self) -> Path:
         return self.root / "videos"
+
+    @property
+    def ray_head_file(self) -> Path:
+        """Address of the local Ray head that `edgebatch up` started (absent when it joined one)."""
+        return self.root / "ray_head.json"

@@ -8,6 +8,8 @@ replicas instead of restarting them.
 from __future__ import annotations
 
 import copy
+import json
+import logging
 import os
 import shutil
 import subprocess
@@ -58,40 +60,169 @@ def load_serve_config(path: Path | None, state: StateDir, *, port: int | None = 
         ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(config)
     except Exception as exc:  # pydantic v1/v2 inside Ray
         raise ConfigError(f"Serve config {path} is invalid: {exc}") from None
+    check_detector_configs(config, path)
     return config
 
 
+def check_detector_configs(config: dict, path: object = "the Serve config") -> None:
+    """Validate every Detector's ``user_config`` before Serve sees it, so a bad field is named
+    here (``applications[0].deployments[0].user_config.max_batch_size: ...``) instead of
+    surfacing later as a failed replica reconfigure."""
+    from app.config import DetectorConfig, parse_config
+
+    for i, app in enumerate(config.get("applications", [])):
+        if app.get("import_path") != "deployments.app:build_app":
+            continue
+        for j, dep in enumerate(app.get("deployments") or []):
+            if dep.get("name") == "Detector" and dep.get("user_config") is not None:
+                where = f"{path}: applications[{i}] ({app.get('name')}).deployments[{j}].user_config"
+                parse_config(DetectorConfig, dep["user_config"], where)
+
+
+def cluster_address(state: StateDir | None = None) -> str:
+    """Where to find Ray: RAY_ADDRESS, else the head `edgebatch up` started (recorded in the
+    state folder), else Ray's own "auto" lookup of a head started on this machine."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    state = state or StateDir.default()
+    try:
+        return json.loads(state.ray_head_file.read_text())["address"]
+    except (OSError, ValueError, KeyError):
+        return "auto"
+
+
+def _gcs_answers(address: str, timeout_s: float = 2.0) -> bool:
+    """A TCP probe of the GCS port first: ray.init on a dead address retries for minutes."""
+    import socket
+
+    if address == "auto":
+        try:
+            address = Path("/tmp/ray/ray_current_cluster").read_text().strip()
+        except OSError:
+            return False
+    if address.startswith("ray://"):
+        return True  # Ray Client: let ray.init report
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def use_token_auth_by_default() -> None:
+    """Ray 2.60's `ray start` turns token authentication on (``~/.ray/auth_token``) but a Python
+    driver only sends the token when ``RAY_AUTH_MODE=token``; without it every connection is
+    refused as unauthenticated. Follow the head unless the user chose a mode. Ray reads it at
+    import, so the CLI sets it first thing; this covers callers that use the launcher directly."""
+    if "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def ray_running(address: str | None = None) -> bool:
-    """Is there a Ray cluster to join (RAY_ADDRESS, or a local head started by `ray start`)?"""
+    """Is there a Ray cluster to join (RAY_ADDRESS, the head `up` started, or a local head)?"""
     import ray
 
     if ray.is_initialized():
         return True
+    address = address or cluster_address()
+    if not _gcs_answers(address):
+        return False
+    use_token_auth_by_default()
     try:
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", logging_level="ERROR", log_to_driver=False)
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the CLI prints its own lines
         return True
     except (ConnectionError, RuntimeError, ValueError):
         return False
 
 
-def start_local_head(num_cpus: int | None = None, dashboard: bool = True) -> None:
-    """`ray start --head` on this machine (the dashboard serves `serve deploy` on :8265)."""
-    ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
-    cmd = [ray_bin, "start", "--head", "--disable-usage-stats", "--dashboard-host=127.0.0.1"]
+def _ray_bin() -> str:
+    return shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+
+
+def start_local_head(state: StateDir, num_cpus: int | None = None, dashboard: bool = True, port: int = 6379) -> str:
+    """`ray start --head` on this machine (the dashboard serves `serve deploy` on :8265);
+    records the address in the state folder so later commands and `down` find this head."""
+    cmd = [_ray_bin(), "start", "--head", f"--port={port}", "--disable-usage-stats", "--dashboard-host=127.0.0.1"]
     cmd.append(f"--include-dashboard={'true' if dashboard else 'false'}")
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
+    use_token_auth_by_default()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise Unavailable(f"`ray start --head` failed:\n{proc.stderr.strip() or proc.stdout.strip()}")
+        detail = proc.stderr.strip() or proc.stdout.strip()
+        hint = f"; port {port} is taken: pass --ray-port" if "already in use" in detail or "port" in detail.lower() else ""
+        raise Unavailable(f"`ray start --head` failed{hint}:\n{detail[-1500:]}")
+    address = f"127.0.0.1:{port}"
+    state.ray_head_file.write_text(json.dumps({"address": address, "started_by": "edgebatch up"}))
+    return address
 
 
-def stop_local() -> str:
-    ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
-    proc = subprocess.run([ray_bin, "stop"], capture_output=True, text=True)
-    return proc.stdout.strip() or proc.stderr.strip()
+def record_session(state: StateDir) -> None:
+    """After connecting to the head `up` started, note its session folder so `down` stops that
+    head's processes only (``ray stop`` would stop every Ray instance on the machine)."""
+    import ray
+
+    try:
+        info = json.loads(state.ray_head_file.read_text())
+    except (OSError, ValueError):
+        return
+    node = getattr(ray._private.worker, "_global_node", None)
+    session_dir = node.get_session_dir_path() if node is not None else None
+    if session_dir:
+        info["session_dir"] = session_dir
+        state.ray_head_file.write_text(json.dumps(info))
+
+
+def stop_local(state: StateDir, timeout_s: float = 15.0) -> str:
+    """Stop the head `edgebatch up` started, and only that: a joined cluster is left alone."""
+    import psutil
+
+    try:
+        info = json.loads(state.ray_head_file.read_text())
+    except (OSError, ValueError):
+        return "Ray left running (edgebatch did not start it)"
+    port = info["address"].rpartition(":")[2]
+    session_dir = info.get("session_dir") or _session_dir_of_gcs_port(port)
+    if not session_dir:
+        state.ray_head_file.unlink(missing_ok=True)
+        return f"no Ray head runs at {info['address']} any more"
+    # the head's own processes name its session folder (or its port) on their command line;
+    # workers exit when their raylet goes (never `ray stop`: it would stop every cluster here)
+    victims = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info.get("cmdline") or [])
+        if session_dir in cmd or f":{port} " in cmd + " " and "ray" in cmd:
+            victims.append(proc)
+    for proc in victims:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(victims, timeout=timeout_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    state.ray_head_file.unlink(missing_ok=True)
+    return f"stopped the local Ray head at {info['address']} ({len(victims)} processes)"
+
+
+def _session_dir_of_gcs_port(port: str) -> str | None:
+    """The session folder of the head whose GCS listens on ``port`` (read off its command line)."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        args = proc.info.get("cmdline") or []
+        if any(a == f"--gcs_server_port={port}" for a in args):
+            for a in args:
+                if a.startswith("--log_dir="):
+                    return str(Path(a.split("=", 1)[1]).parent)
+    return None
 
 
 def deploy(config: dict[str, Any]) -> None:
@@ -162,7 +293,48 @@ def serve_summary() -> dict[str, Any]:
             except Exception as exc:  # status must never fail because one replica is busy
                 entry["detector"] = {"error": str(exc)}
         out["applications"][app_name] = entry
+    _add_pending_reasons(out)
+    _add_controller(out)
     return out
+
+
+def _add_controller(summary: dict[str, Any]) -> None:
+    """The batch controller's view per detector: size, policy, last decision and its reason."""
+    from deployments.controller import APP_NAME as CONTROLLER_APP, DEPLOYMENT_NAME
+
+    app = summary["applications"].get(CONTROLLER_APP)
+    if not app or app.get("status") != "RUNNING":
+        return
+    try:
+        from ray import serve
+
+        status = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=CONTROLLER_APP).status.remote().result(timeout_s=10)
+    except Exception as exc:  # status must never fail because the controller is busy
+        app["controller"] = {"error": str(exc)}
+        return
+    app["controller"] = status
+    for ctl in status.get("detectors", {}).values():
+        det = summary["applications"].get(ctl.get("app"), {}).get("detector")
+        if isinstance(det, dict) and "error" not in det:
+            det["controller"] = ctl
+
+
+def _add_pending_reasons(summary: dict[str, Any]) -> None:
+    """Replicas Ray keeps pending for a resource no alive node offers: say so (multi-tenancy tags)."""
+    try:
+        from deployments.tenancy import pending_reasons
+
+        reasons = pending_reasons()
+    except Exception as exc:  # status must never fail because the controller is busy
+        summary["pending_error"] = str(exc)
+        return
+    for app_name, by_deployment in reasons.items():
+        app = summary["applications"].setdefault(app_name, {"deployments": {}})
+        app["pending"] = by_deployment
+        for dep_name, line in by_deployment.items():
+            dep = app["deployments"].get(dep_name)
+            if dep is not None:  # `edgebatch status` prints each deployment's message
+                dep["message"] = f"{dep['message']}; {line}" if dep.get("message") else line
 
 
 def shutdown_serve() -> None:

@@ -100,3 +100,43 @@ def serve_app(ray_cluster, demo_repo, state):
 
     wait_for(ready, 120, "the detector to be ready over HTTP")
     return {"url": base, "port": port, "config": config}
+
+
+@pytest.fixture(scope="session")
+def deploy_apps(serve_app, state):
+    """Add or replace Serve applications beside the base ``edgebatch`` app, declaratively.
+
+    Serve's declarative deploy replaces the whole set of applications, so every call
+    re-submits the base config plus every extra app deployed so far in this session
+    (unchanged apps keep their replicas). Call ``deploy_apps([app_dict, ...])`` where each
+    dict is one entry of a Serve config's ``applications`` list (``name``,
+    ``route_prefix``, ``import_path``, ``args``, ``deployments``); pass ``remove=[name]``
+    to drop extra apps again. Returns the merged config.
+    """
+    from deployments import launcher
+
+    extra: dict[str, dict] = {}
+
+    def _deploy(apps: list[dict] | None = None, remove: list[str] | None = None, timeout_s: float = 240):
+        for name in remove or []:
+            extra.pop(name, None)
+        for app in apps or []:
+            extra[app["name"]] = app
+        config = launcher.load_serve_config(None, state, port=serve_app["port"])
+        base = config["applications"][0]
+        base["deployments"][0]["user_config"]["alias_poll_s"] = 0.5
+        base["deployments"][0]["graceful_shutdown_timeout_s"] = 1
+        env = base["runtime_env"]
+        merged = [base]
+        for app in extra.values():
+            app = dict(app)
+            app.setdefault("runtime_env", {})
+            app["runtime_env"] = {**app["runtime_env"], "env_vars": {**env["env_vars"], **app["runtime_env"].get("env_vars", {})}}
+            merged.append(app)
+        config["applications"] = merged
+        launcher.deploy(config)
+        for app in merged:
+            launcher.wait_running(app["name"], timeout_s=timeout_s)
+        return config
+
+    return _deploy

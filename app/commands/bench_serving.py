@@ -7,12 +7,13 @@ import argparse
 from app.bench.report import BenchReport, percentiles
 from app.commands.bench import common, parse_sizes
 from app.config import DetectorConfig
-from app.errors import Unavailable
+from app.errors import ConfigError, Unavailable
 
 ENGINE_COLUMNS = [("batch_size", "batch"), ("images_per_s", "images/s"), ("p50_ms", "batch p50 ms"), ("p99_ms", "batch p99 ms"), ("images", "images")]
 HTTP_COLUMNS = [
     ("batch_size", "batch"), ("clients", "clients"), ("images_per_s", "http images/s"), ("p50_ms", "p50 ms"),
     ("p99_ms", "p99 ms"), ("failed", "failed"), ("bare_images_per_s", "bare images/s"), ("ratio", "http/bare"),
+    ("ratio_to_peer", "vs peer"),
 ]
 
 
@@ -34,6 +35,9 @@ def add_serving_benches(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--protocol", choices=["v1", "v2"], default="v1", help="v1: JPEG to /v1/detect; v2: tensors to /v2 infer")
     p.add_argument("--external", action="store_true", help="target is not edgebatch (e.g. Triton): do not set batch sizes")
     p.add_argument("--no-bare", action="store_true", help="skip the bare-pipeline reference run")
+    p.add_argument("--peer-url", default=None,
+                   help="also load a peer server answering the same v2 request (e.g. Triton from scripts/triton_peer.py) "
+                        "in the same run, after each edgebatch size; needs --protocol v2")
     p.add_argument("--batches", type=int, default=30, help="bare-pipeline batches per size")
     common(p)
     p.set_defaults(func=cmd_http)
@@ -109,6 +113,9 @@ def cmd_http(args: argparse.Namespace) -> int:
         bare_rows, _ = engine_rows(args.model, sizes, args.batches)
         bare = {r["batch_size"]: r["images_per_s"] for r in bare_rows}
 
+    if args.peer_url and args.protocol != "v2":
+        raise ConfigError("--peer-url compares v2 tensor requests: add --protocol v2")
+    peer_url = f"{args.peer_url.rstrip('/')}/v2/models/{args.model}/infer" if args.peer_url else None
     rows = []
     for n in sizes if not args.external else sizes[:1]:
         if handle is not None:
@@ -122,12 +129,24 @@ def cmd_http(args: argparse.Namespace) -> int:
         if res.errors:
             row["errors"] = res.errors
         rows.append(row)
+        if peer_url:
+            peer = run_load(peer_url, bodies, clients=args.clients, duration_s=args.duration, warmup_s=args.warmup)
+            rows.append({"batch_size": "peer", "clients": args.clients, "images_per_s": peer.rps, "failed": peer.failed,
+                         "ok": peer.ok, "peer_url": args.peer_url, **percentiles(peer.latencies_s),
+                         **({"errors": peer.errors} if peer.errors else {})})
+            row["peer_images_per_s"] = peer.rps
+            row["ratio_to_peer"] = res.rps / peer.rps if peer.rps else None
     report = BenchReport("http", HTTP_COLUMNS, rows)
     report.notes.append(f"{args.protocol} protocol, {args.clients} closed-loop clients in a separate process, "
                         f"{args.duration:.0f} s per size after {args.warmup:.0f} s warm-up; bare = same pipeline in one process, same run")
-    best = max(rows, key=lambda r: r["images_per_s"])
+    own = [r for r in rows if r["batch_size"] != "peer"]
+    best = max(own, key=lambda r: r["images_per_s"])
     report.summary = {"best_batch_size": best["batch_size"], "best_images_per_s": round(best["images_per_s"], 2)}
     if best.get("ratio") is not None:
         report.summary["ratio_at_best"] = round(best["ratio"], 3)
+    if best.get("ratio_to_peer") is not None:
+        report.summary["peer_images_per_s"] = round(best["peer_images_per_s"], 2)
+        report.summary["ratio_to_peer_at_best"] = round(best["ratio_to_peer"], 3)
+        report.notes.append(f"peer = {args.peer_url}, loaded right after each edgebatch size with the same bodies and clients")
     report.emit(args.json)
     return 0

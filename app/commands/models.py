@@ -205,6 +205,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     promote.add_argument("--alias", default="production", help="alias to set (default production)")
     promote.set_defaults(func=_cmd_promote)
 
+    from app.commands.models_split import add_models_split  # `models split` (issue 7)
+    add_models_split(sub, common)
+
 
 # ---------------------------------------------------------------- bench registry
 def _ms(seconds: float) -> float:

@@ -17,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, default=None, help="Serve config YAML (default deployments/serve_config.yaml)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default from the config, 8000)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a new local Ray head")
+    p.add_argument("--ray-port", type=int, default=6379, help="GCS port of a new local Ray head (default 6379)")
     p.add_argument("--no-dashboard", action="store_true", help="start the local head without the dashboard (no `serve deploy`)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the app to run")
     p.set_defaults(func=cmd_up)
@@ -54,23 +55,29 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     state = StateDir.default().ensure()
     t0 = time.perf_counter()
+    config = launcher.load_serve_config(args.config, state, port=args.port)  # a bad field fails here, before Ray starts
     repo = ModelRepository.from_env(state)
     repo.check_available()
     version = ensure_demo_model(repo)
     print(f"model repository: {repo.tracking_uri}  demo-detector v{version} (alias production)")
 
-    joined = launcher.ray_running()
-    if joined:
-        print(f"Ray: joined the running cluster ({os.environ.get('RAY_ADDRESS') or 'local head'})")
-    else:
-        if os.environ.get("RAY_ADDRESS"):
+    recorded = launcher.cluster_address(state)
+    if os.environ.get("RAY_ADDRESS"):
+        if not launcher.ray_running(os.environ["RAY_ADDRESS"]):
             raise Unavailable(f"RAY_ADDRESS={os.environ['RAY_ADDRESS']} is set but no Ray cluster answers there; "
                               "check the address or unset it to start a local head")
-        launcher.start_local_head(args.num_cpus, dashboard=not args.no_dashboard)
-        if not launcher.ray_running():
-            raise Unavailable("started a local Ray head but cannot connect to it; see /tmp/ray/session_latest/logs")
-        print("Ray: started a local head (`edgebatch down` stops it)")
-    config = launcher.load_serve_config(args.config, state, port=args.port)
+        print(f"Ray: joined the cluster at {os.environ['RAY_ADDRESS']}")
+    elif recorded != "auto" and launcher.ray_running(recorded):
+        print(f"Ray: using the local head started earlier at {recorded}")
+    else:
+        state.ray_head_file.unlink(missing_ok=True)  # a head recorded earlier that is gone
+        address = launcher.start_local_head(state, args.num_cpus, dashboard=not args.no_dashboard, port=args.ray_port)
+        if not launcher.ray_running(address):
+            launcher.stop_local(state)
+            raise Unavailable(f"started a local Ray head at {address} but cannot connect to it (stopped it again); "
+                              "see /tmp/ray/session_latest/logs")
+        launcher.record_session(state)
+        print(f"Ray: started a local head at {address} (`edgebatch down` stops it)")
     launcher.deploy(config)
     summary = launcher.wait_running(timeout_s=args.timeout)
     http = config.get("http_options", {})
@@ -90,7 +97,7 @@ def cmd_down(args: argparse.Namespace) -> int:
         launcher.shutdown_serve()
         print("Serve application removed")
     if not args.keep_ray and not os.environ.get("RAY_ADDRESS"):
-        print(launcher.stop_local() or "Ray stopped")
+        print(launcher.stop_local(StateDir.default()))
     return 0
 
 
@@ -120,7 +127,12 @@ def cmd_status(args: argparse.Namespace) -> int:
                   f"loaded variants {list(det['loaded_variants'])}; batches seen {det['batch_sizes_seen']}")
             if det.get("controller"):
                 c = det["controller"]
-                print(f"  controller: policy {c.get('policy')}, last decision {c.get('action')} -> {c.get('batch_size')}: {c.get('reason')}")
+                if c.get("action"):
+                    print(f"  controller: policy {c.get('policy')}, size {c.get('current_batch_size')}, last decision "
+                          f"{c.get('action')} -> {c.get('batch_size')}: {c.get('reason')}")
+                else:
+                    print(f"  controller: policy {c.get('policy')}, size {c.get('current_batch_size')}, no decision yet"
+                          + (" (`edgebatch batch auto MODEL` turns a policy on)" if c.get("policy") == "manual" else ""))
         elif det:
             print(f"  detector info unavailable: {det['error']}")
     return 0

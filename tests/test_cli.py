@@ -1,0 +1,72 @@
+"""The CLI's lifecycle helpers and its error contract: one line on stderr, exit 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.cli import main
+from app.state import StateDir
+from deployments import launcher
+
+
+def _dead_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"127.0.0.1:{port}"  # closed again: nothing listens there
+
+
+def test_cluster_address_prefers_ray_address_then_recorded_head(tmp_path, monkeypatch):
+    state = StateDir(tmp_path).ensure()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert launcher.cluster_address(state) == "auto"
+    state.ray_head_file.write_text(json.dumps({"address": "127.0.0.1:6390"}))
+    assert launcher.cluster_address(state) == "127.0.0.1:6390"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert launcher.cluster_address(state) == "10.0.0.5:6379"
+
+
+def test_dead_address_is_reported_at_once_not_after_ray_retries():
+    # ray.init on a dead GCS retries for minutes; the TCP probe answers first
+    assert launcher._gcs_answers(_dead_address(), timeout_s=1.0) is False
+
+
+def test_down_leaves_a_cluster_it_did_not_start(tmp_path):
+    state = StateDir(tmp_path).ensure()
+    assert "did not start" in launcher.stop_local(state)
+
+
+def test_status_without_ray_is_one_clear_line(tmp_path):
+    env = {"EDGEBATCH_HOME": str(tmp_path), "RAY_ADDRESS": _dead_address(), "PATH": "/usr/bin:/bin",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "status"], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "edgebatch up" in proc.stderr
+
+
+def test_bad_batch_sizes_name_the_fix(capsys):
+    assert main(["bench", "engine", "--batch-sizes", "one,two"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-sizes" in err and "1,2,4,8,16" in err
+
+
+def test_peer_comparison_needs_v2(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("EDGEBATCH_HOME", str(tmp_path))
+    rc = main(["bench", "http", "--external", "--no-bare", "--url", "http://127.0.0.1:9", "--peer-url",
+               "http://127.0.0.1:9", "--batch-sizes", "8"])
+    assert rc == 2
+    assert "--protocol v2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["models", "show", "../etc"], ["models", "show", "no/such/model/x"]])
+def test_bad_model_names_are_refused_with_a_message(argv, capsys, state, demo_repo):
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith("edgebatch: error:")
