@@ -307,16 +307,7 @@ class DetectorDeployment:
     async def detect_bytes(self, body: bytes) -> dict[str, Any]:
         """Handle entry for the tenancy router: an encoded image in, the /v1/detect body out,
         plus which placement and node served it (DMP spreads a model over several)."""
-        detector = self._require_detector()
-        loop = asyncio.get_running_loop()
-        item = await loop.run_in_executor(self._cpu_pool, detector.decode_request, body)
-        row, lv, inf_s, n, queue_s = await self._submit(item.tensor)
-        t0 = time.perf_counter()
-        dets = await loop.run_in_executor(self._cpu_pool, detector.unbatch, row[None], [item])
-        self._metrics.record_item(item.timings["preprocess_s"], time.perf_counter() - t0)
-        timings = {"queue_s": max(queue_s, 0.0), "preprocess_s": item.timings["preprocess_s"], "inference_s": inf_s}
-        out = detector.encode_response(BatchResult(dets[0], None, lv.variant, lv.batch_size, timings))
-        out["items_in_batch"] = n
+        out = await self._detect_encoded(body)
         out["served_by"] = self.where()
         return out
 
@@ -326,6 +317,26 @@ class DetectorDeployment:
 
         ctx = serve.get_replica_context()
         return {"deployment": ctx.deployment, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+    async def _detect_encoded(self, body: bytes) -> dict[str, Any]:
+        """One encoded image through decode -> batcher -> NMS; the /v1/detect reply body."""
+        detector = self._require_detector()
+        loop = asyncio.get_running_loop()
+        item = await loop.run_in_executor(self._cpu_pool, detector.decode_request, body)
+        row, lv, inf_s, n, queue_s = await self._submit(item.tensor)
+        t0 = time.perf_counter()
+        dets = await loop.run_in_executor(self._cpu_pool, detector.unbatch, row[None], [item])
+        post_s = time.perf_counter() - t0
+        self._metrics.record_item(item.timings["preprocess_s"], post_s)
+        timings = {
+            "queue_s": max(queue_s, 0.0),
+            "preprocess_s": item.timings["preprocess_s"],
+            "inference_s": inf_s,
+            "postprocess_s": post_s,
+        }
+        out = detector.encode_response(BatchResult(dets[0], None, lv.variant, lv.batch_size, timings))
+        out["items_in_batch"] = n
+        return out
 
     async def _read_body(self, request: Request) -> bytes:
         limit = (self._config or DetectorConfig()).max_body_bytes
@@ -345,23 +356,8 @@ class DetectorDeployment:
     async def detect(self, request: Request) -> Response:
         self._counters["requests"] += 1
         try:
-            detector = self._require_detector()
             body = await self._read_body(request)
-            loop = asyncio.get_running_loop()
-            item = await loop.run_in_executor(self._cpu_pool, detector.decode_request, body)
-            row, lv, inf_s, n, queue_s = await self._submit(item.tensor)
-            t0 = time.perf_counter()
-            dets = await loop.run_in_executor(self._cpu_pool, detector.unbatch, row[None], [item])
-            self._metrics.record_item(item.timings["preprocess_s"], time.perf_counter() - t0)
-            timings = {
-                "queue_s": max(queue_s, 0.0),
-                "preprocess_s": item.timings["preprocess_s"],
-                "inference_s": inf_s,
-                "postprocess_s": time.perf_counter() - t0,
-            }
-            result = BatchResult(dets[0], None, lv.variant, lv.batch_size, timings)
-            body_out = detector.encode_response(result)
-            body_out["items_in_batch"] = n
+            body_out = await self._detect_encoded(body)
             return JSONResponse(body_out)
         except EdgebatchError as exc:
             self._counters["errors"] += 1

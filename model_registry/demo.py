@@ -91,8 +91,9 @@ def write_synthetic_detector(
     shape starts with that batch, like a careless fixed-batch export.
     """
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
+
+    from app.engines.onnxrt import save_onnx
 
     rng = np.random.default_rng(0)
     dim0: int | str = batch if batch is not None else "batch"
@@ -123,10 +124,4 @@ def write_synthetic_detector(
         [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [dim0, 6, cells])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.checker.check_model(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return save_onnx(graph, path)

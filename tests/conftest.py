@@ -28,6 +28,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc, timeout_s: float = 20) -> None:
+    """Terminate a child process (a Prometheus server), kill it if it does not go."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
     """Poll ``predicate`` until truthy or fail naming ``what`` (a deadline, not a sleep-as-sync)."""
     deadline = time.monotonic() + timeout_s

@@ -27,7 +27,7 @@ from deployments.controller import (
     reason_code,
 )
 from policies.batch_size import Decision
-from tests.conftest import wait_for
+from tests.conftest import stop_process, wait_for
 
 # ----------------------------------------------------------------------------- VariantPool, no Ray
 
@@ -469,12 +469,7 @@ def test_promql_observation_from_a_real_prometheus(serve_app, tmp_path):
         hist = client.query('sum(ray_edgebatch_batch_size_count{model="demo-detector"})')
         assert hist and hist[0].value > 0  # the per-batch histogram is exported too
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
         log.close()
 
 

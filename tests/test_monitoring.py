@@ -33,7 +33,7 @@ from app.monitoring.collectors import (
 )
 from app.monitoring.promql import PromQLClient, prometheus_config
 from app.monitoring.tegrastats import parse_tegrastats
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, stop_process, wait_for
 
 MB = 1024**2
 
@@ -398,12 +398,7 @@ def prometheus(ray_cluster, monitor, tmp_path):
         assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
         yield client, config_file
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
         log.close()
 
 

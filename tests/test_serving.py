@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import copy
-import json
 
 import cv2
 import httpx

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -232,19 +231,17 @@ def sse_frames(url: str, stream_id: str, timeout_s: float = 120) -> tuple[list[d
     """Read the events endpoint until `end`: the frame events and the end reason."""
     import httpx
 
-    frames, event, reason = [], None, ""
+    from app.streams.sinks import read_events
+
+    frames, reason = [], ""
     with httpx.stream("GET", f"{url}/{stream_id}/events", timeout=timeout_s) as r:
         assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                data = json.loads(line[6:])
-                if event == "frame":
-                    frames.append(data)
-                elif event == "end":
-                    reason = data["reason"]
-                    break
+        for event, data in read_events(r.iter_lines()):
+            if event == "frame":
+                frames.append(data)
+            elif event == "end":
+                reason = data["reason"]
+                break
     return frames, reason
 
 

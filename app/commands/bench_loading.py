@@ -80,8 +80,7 @@ def run_queue(models: list[BenchModel], requests: int, policy: str, order: str, 
     from policies.loading import Request, order_requests
 
     if warm_model is not None:
-        session = load_session(warm_model)
-        del session
+        load_session(warm_model)  # ONNX Runtime's one-time start-up, before the baseline
     executor = LayeredExecutor(MemoryLedger(budget_bytes))
     try:
         plans = {m.name: executor.plan(m.staged, policy) for m in models}  # refused before anything runs

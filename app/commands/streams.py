@@ -145,35 +145,33 @@ def cmd_rm(args: argparse.Namespace) -> int:
 def cmd_follow(args: argparse.Namespace) -> int:
     import httpx
 
+    from app.streams.sinks import read_events
+
     url = f"{_base(args)}/{args.id}/events"
-    seen, event = 0, None
+    seen = 0
     try:
         with httpx.stream("GET", url, timeout=httpx.Timeout(10, read=60)) as r:
             if r.status_code != 200:
                 r.read()
                 _call("GET", f"{_base(args)}/{args.id}")  # raises the app's own message (404 etc.)
                 raise EdgebatchError(f"{url} answered {r.status_code}", status=r.status_code)
-            for line in r.iter_lines():
-                if line.startswith("event: "):
-                    event = line[7:]
-                elif line.startswith("data: "):
-                    data = json.loads(line[6:])
-                    if event == "frame":
-                        seen += 1
-                        if args.json:
-                            print(json.dumps(data), flush=True)
-                        else:
-                            labels = ", ".join(f"{d['label']} {d['score']:.2f}" for d in data["detections"])
-                            err = f" ERROR {data['error']}" if data.get("error") else ""
-                            print(f"frame {data['frame']:>6}  t={data['capture_ts']:.3f}  "
-                                  f"{len(data['detections'])} objects: {labels}{err}", flush=True)
-                        if args.limit and seen >= args.limit:
-                            return 0
-                    elif event == "end":
-                        print(f"stream ended: {data.get('reason')}", flush=True)
+            for event, data in read_events(r.iter_lines()):
+                if event == "frame":
+                    seen += 1
+                    if args.json:
+                        print(json.dumps(data), flush=True)
+                    else:
+                        labels = ", ".join(f"{d['label']} {d['score']:.2f}" for d in data["detections"])
+                        err = f" ERROR {data['error']}" if data.get("error") else ""
+                        print(f"frame {data['frame']:>6}  t={data['capture_ts']:.3f}  "
+                              f"{len(data['detections'])} objects: {labels}{err}", flush=True)
+                    if args.limit and seen >= args.limit:
                         return 0
-                    elif event == "missed":
-                        print(f"(missed {data['missed']} results: this follower was too slow)", flush=True)
+                elif event == "end":
+                    print(f"stream ended: {data.get('reason')}", flush=True)
+                    return 0
+                elif event == "missed":
+                    print(f"(missed {data['missed']} results: this follower was too slow)", flush=True)
     except httpx.HTTPError as exc:
         raise Unavailable(f"lost the event stream at {url} ({type(exc).__name__}); is the app running?") from None
     return 0

@@ -167,3 +167,18 @@ class OnnxRuntimeEngine(Engine):
 
     def close(self) -> None:
         self._session = None
+
+
+def save_onnx(graph, path: str | Path, opset: int = 17) -> Path:
+    """Wrap an ONNX ``graph`` in a model that every ONNX Runtime we support loads (opset 17,
+    IR version 9: newer onnx packages write an IR that older runtimes refuse), check it, save it."""
+    import onnx
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path

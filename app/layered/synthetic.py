@@ -27,8 +27,9 @@ def write_conv_chain(
 
     Weights per layer: ``channels**2 * 9 * 4`` bytes (192 channels: 1.3 MB, 384: 5.3 MB).
     """
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
+
+    from app.engines.onnxrt import save_onnx
 
     if layers < 1 or channels < 1 or size < 1:
         raise ValueError("layers, channels and size must be >= 1")
@@ -52,10 +53,4 @@ def write_conv_chain(
         [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, [batch, channels, 1, 1])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.checker.check_model(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return save_onnx(graph, path)

@@ -11,6 +11,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -262,3 +263,13 @@ class ResultLog:
             nxt = start + len(items)
             return {"events": items, "cursor": nxt, "missed": max(0, self._first - cursor),
                     "ended": self.ended and nxt >= end, "reason": self.end_reason}
+
+
+def read_events(lines: Iterable[str]) -> Iterator[tuple[str | None, dict]]:
+    """(event name, data) pairs from the lines of the /v1/streams/{id}/events server-sent events."""
+    event = None
+    for line in lines:
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            yield event, json.loads(line[6:])
