@@ -86,6 +86,7 @@ def parse_config(model: type[BaseModel], data: dict[str, Any] | None, where: str
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            problems.append(f"{where}.{loc}: {err['msg']}")
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")  # our validators' messages name the field
+            problems.append(f"{where}.{loc}: {msg}" if loc else f"{where}: {msg}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

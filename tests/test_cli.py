@@ -70,3 +70,19 @@ def test_peer_comparison_needs_v2(capsys, monkeypatch, tmp_path):
 def test_bad_model_names_are_refused_with_a_message(argv, capsys, state, demo_repo):
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith("edgebatch: error:")
+
+
+def test_up_names_a_bad_user_config_field_before_starting_ray(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    config = yaml.safe_load(Path(launcher.DEFAULT_CONFIG).read_text())
+    config["applications"][0]["deployments"][0]["user_config"]["max_batch_size"] = 32
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("EDGEBATCH_HOME", str(tmp_path / "home"))
+    called = []
+    monkeypatch.setattr(launcher, "start_local_head", lambda *a, **k: called.append(a))
+    assert main(["up", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "deployments[0].user_config" in err and "max_batch_size 32" in err and "Traceback" not in err
+    assert not called  # refused before any Ray head was started
