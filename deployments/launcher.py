@@ -24,6 +24,7 @@ from app.errors import ConfigError, Unavailable
 from app.state import StateDir
 
 DEFAULT_CONFIG = Path(__file__).with_name("serve_config.yaml")
+DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 APP_NAME = "edgebatch"
 
 
@@ -49,6 +50,8 @@ def load_serve_config(path: Path | None, state: StateDir, *, port: int | None = 
     }
     if os.environ.get("MLFLOW_TRACKING_URI"):
         env_vars["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
+    if os.environ.get(DIRECT_INGRESS_ENV) == "1":
+        env_vars[DIRECT_INGRESS_ENV] = "1"
     for app in config.get("applications", []):
         runtime_env = app.setdefault("runtime_env", {})
         merged = dict(env_vars)
@@ -161,9 +164,10 @@ def start_local_head(state: StateDir, num_cpus: int | None = None, dashboard: bo
     return address
 
 
-def record_session(state: StateDir) -> None:
+def record_session(state: StateDir, direct_ingress: bool = False) -> None:
     """After connecting to the head `up` started, note its session folder so `down` stops that
-    head's processes only (``ray stop`` would stop every Ray instance on the machine)."""
+    head's processes only (``ray stop`` would stop every Ray instance on the machine), and whether
+    it was started with direct ingress."""
     import ray
 
     try:
@@ -174,7 +178,36 @@ def record_session(state: StateDir) -> None:
     session_dir = node.get_session_dir_path() if node is not None else None
     if session_dir:
         info["session_dir"] = session_dir
-        state.ray_head_file.write_text(json.dumps(info))
+    info["direct_ingress"] = bool(direct_ingress)
+    state.ray_head_file.write_text(json.dumps(info))
+
+
+def head_has_direct_ingress(state: StateDir) -> bool:
+    try:
+        return bool(json.loads(state.ray_head_file.read_text()).get("direct_ingress"))
+    except (OSError, ValueError):
+        return False
+
+
+def direct_ingress_urls(app_name: str) -> list[str]:
+    """HTTP addresses at which an app's ingress replicas serve directly (Serve's direct ingress),
+    or [] when it is off (then the only targets are the proxies). The replicas bind
+    ``http_options.host``, so the URL uses that host."""
+    import ray
+
+    try:
+        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        groups = ray.get(controller.get_target_groups.remote(app_name=app_name), timeout=10)
+        http = ray.get(controller.get_http_config.remote(), timeout=10)
+    except Exception:  # an internal API of an experimental feature: never fail `up` or `status` on it
+        return []
+    host = getattr(http, "host", "127.0.0.1")
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    proxy_port = getattr(http, "port", None)
+    return [f"http://{host}:{t.port}" for g in groups or [] if str(g.protocol).endswith("HTTP")
+            for t in g.targets if t.port != proxy_port]
 
 
 def stop_local(state: StateDir, timeout_s: float = 15.0) -> str:
@@ -292,6 +325,9 @@ def serve_summary() -> dict[str, Any]:
                 entry["detector"] = handle.info.remote().result(timeout_s=10)
             except Exception as exc:  # status must never fail because one replica is busy
                 entry["detector"] = {"error": str(exc)}
+        urls = direct_ingress_urls(app_name) if "Detector" in deps else []
+        if urls:
+            entry["direct_ingress"] = urls
         out["applications"][app_name] = entry
     _add_pending_reasons(out)
     _add_controller(out)
