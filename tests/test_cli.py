@@ -86,3 +86,30 @@ def test_up_names_a_bad_user_config_field_before_starting_ray(tmp_path, monkeypa
     err = capsys.readouterr().err
     assert "deployments[0].user_config" in err and "max_batch_size 32" in err and "Traceback" not in err
     assert not called  # refused before any Ray head was started
+
+
+def test_direct_ingress_urls_list_replica_ports_not_the_proxy(monkeypatch):
+    import types
+
+    import ray
+
+    target = lambda port: types.SimpleNamespace(port=port)  # noqa: E731
+    groups = [types.SimpleNamespace(protocol="RequestProtocol.HTTP", targets=[target(8000), target(30003)]),
+              types.SimpleNamespace(protocol="RequestProtocol.GRPC", targets=[target(40000)])]
+
+    class Controller:
+        class get_target_groups:  # noqa: N801 - mimics an actor method
+            @staticmethod
+            def remote(app_name):
+                return groups
+
+        class get_http_config:  # noqa: N801
+            @staticmethod
+            def remote():
+                return types.SimpleNamespace(host="0.0.0.0", port=8000)
+
+    monkeypatch.setattr(ray, "get_actor", lambda name, namespace=None: Controller)
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: ref)
+    assert launcher.direct_ingress_urls("edgebatch") == ["http://127.0.0.1:30003"]
+    monkeypatch.setattr(ray, "get_actor", lambda *a, **k: (_ for _ in ()).throw(ValueError("no controller")))
+    assert launcher.direct_ingress_urls("edgebatch") == []  # off, or no Serve: nothing, never an error
