@@ -217,7 +217,7 @@ def stop_local(state: StateDir, timeout_s: float = 15.0) -> str:
     try:
         info = json.loads(state.ray_head_file.read_text())
     except (OSError, ValueError):
-        return "Ray left running (edgebatch did not start it)"
+        return "no Ray head started by `edgebatch up` is recorded here; any other Ray cluster is left running"
     port = info["address"].rpartition(":")[2]
     session_dir = info.get("session_dir") or _session_dir_of_gcs_port(port)
     if not session_dir:

@@ -39,7 +39,7 @@ def test_dead_address_is_reported_at_once_not_after_ray_retries():
 
 def test_down_leaves_a_cluster_it_did_not_start(tmp_path):
     state = StateDir(tmp_path).ensure()
-    assert "did not start" in launcher.stop_local(state)
+    assert "left running" in launcher.stop_local(state)
 
 
 def test_status_without_ray_is_one_clear_line(tmp_path):

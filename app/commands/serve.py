@@ -108,6 +108,9 @@ def cmd_down(args: argparse.Namespace) -> int:
     if launcher.ray_running():
         launcher.shutdown_serve()
         print("Serve application removed")
+        import ray
+
+        ray.shutdown()  # disconnect before the head goes, or Ray logs errors about the lost driver
     if not args.keep_ray and not os.environ.get("RAY_ADDRESS"):
         print(launcher.stop_local(StateDir.default()))
     return 0
