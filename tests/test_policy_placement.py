@@ -72,9 +72,11 @@ def check_plan(plan: PlacementPlan, nodes: list[NodeInfo], models: list[ModelDem
 
 
 def survivors_kept(before: PlacementPlan, after: PlacementPlan, lost: set[str]) -> bool:
-    """Healthy replicas stay on their device (their share shrinks if a moved replica joins them)."""
-    key = lambda p: (p.model, p.node_id, p.tag, p.backend, p.device_index, p.replicas)  # noqa: E731
-    return {key(p) for p in before.placements if p.node_id not in lost} <= {key(p) for p in after.placements}
+    """Healthy replicas stay on their device, none of them removed (their share shrinks if a moved
+    replica joins them; a moved replica of the same model adds to their count there)."""
+    key = lambda p: (p.model, p.node_id, p.tag, p.backend, p.device_index)  # noqa: E731
+    now = {key(p): p.replicas for p in after.placements}
+    return all(now.get(key(p), 0) >= p.replicas for p in before.placements if p.node_id not in lost)
 
 
 def test_greedy_puts_the_fastest_backend_first_and_respects_tags() -> None:
