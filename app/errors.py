@@ -44,3 +44,10 @@ class ConfigError(EdgebatchError):
     """A configuration field is wrong; the message names the field."""
 
     status = 400
+
+
+def one_line(exc: BaseException) -> str:
+    """One line for an error from anywhere: our own message, else the last line of a (Ray)
+    traceback, else the exception's type (``TimeoutError()`` has no text at all)."""
+    text = getattr(exc, "message", None) or str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__

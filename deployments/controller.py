@@ -25,6 +25,7 @@ from typing import Any, Callable, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.errors import one_line
 from policies.batch_size import (
     DEFAULT_POLICY,
     POLICIES,
@@ -168,7 +169,7 @@ def observation_from_promql(query: Callable[[str], list[Any]], model: str, fps: 
         batch_size=current, d_batch_s=d_batch, fps=fps, throughput=throughput, timestamp=time.time(),
         device_util=None if util is None else util / 100.0,
         mem_used_bytes=None if mem_used is None else int(mem_used),
-        mem_total_bytes=None if mem_total is None or not mem_total else int(mem_total),
+        mem_total_bytes=None if not mem_total else int(mem_total),
     )
 
 
@@ -190,7 +191,6 @@ class DetectorControl:
     last_failure: dict[str, Any] | None = None
     last_observation: dict[str, Any] | None = None
     history: deque = field(default_factory=lambda: deque(maxlen=20))
-    idle_windows: int = 0
     operator_set: bool = False  # an operator chose the policy: a config change leaves it alone
 
     def policy_config(self) -> PolicyConfig:
@@ -280,9 +280,13 @@ class ControlLoop:
     async def tick(self, clients: dict[str, tuple[str, DetectorClient]]) -> None:
         """``clients``: model -> (app, client). One window for every detector."""
         self.ticks += 1
-        samples = await self._samples()
+        controls = {model: self.control_for(model, app) for model, (app, _) in clients.items()}
+        if any(ctl.policy != MANUAL for ctl in controls.values()):
+            samples = await self._samples()
+        else:  # nothing decides this tick: do not ask every node for a reading
+            samples, self.samples_note = {}, "not read: every detector is manual"
         for model, (app, client) in clients.items():
-            ctl = self.control_for(model, app)
+            ctl = controls[model]
             try:
                 await self.step(ctl, client, samples)
             except Exception as exc:  # one detector's trouble must not stop the others
@@ -317,9 +321,7 @@ class ControlLoop:
         if ctl.policy == "fixed" and ctl.current != ctl.params.get("size") and obs is None:
             obs = Observation(ctl.current, 0.0, ctl.fps, 0.0, timestamp=time.time())  # pin even when idle
         if obs is None:
-            ctl.idle_windows += 1
             return None
-        ctl.idle_windows = 0
         ctl.last_observation = {"batch_size": obs.batch_size, "d_batch_s": round(obs.d_batch_s, 4),
                                 "throughput": round(obs.throughput, 2), "fps": obs.fps,
                                 "criterion_s": round(obs.budget.criterion_s, 4),
@@ -339,7 +341,7 @@ class ControlLoop:
         try:
             await asyncio.wait_for(client.set_batch_size(target), self.config.apply_timeout_s)
         except Exception as exc:
-            message = getattr(exc, "message", None) or str(exc).strip().splitlines()[-1][:500]
+            message = one_line(exc)[:500]
             ctl.last_failure = {"batch_size": target, "kept_batch_size": before, "error": message, "at": time.time()}
             log.warning("batch controller: %s: batch %s not applied, still %s: %s", ctl.model, target, before, message)
             # tell the policy: a failed observation at the size it asked for (lowers, and settles below it)
@@ -538,7 +540,7 @@ class BatchController:
             try:
                 await asyncio.wait_for(client.set_batch_size(n), self._config.apply_timeout_s)
             except Exception as exc:
-                message = getattr(exc, "message", None) or str(exc).strip().splitlines()[-1][:500]
+                message = one_line(exc)[:500]
                 ctl.last_failure = {"batch_size": n, "kept_batch_size": before, "error": message, "at": time.time()}
                 self._loop._record(ctl, Decision(before or 0, "keep", f"operator asked for batch {n}: load failed "
                                                  f"({message}); kept {before}", "operator", before or 0))

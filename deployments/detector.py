@@ -25,18 +25,15 @@ from ray import serve
 
 from app.config import DetectorConfig, parse_config
 from app.detector import BatchResult, Detector
-from app.errors import BadRequest, EdgebatchError, NotFound, PayloadTooLarge, Unavailable
+from app.errors import BadRequest, EdgebatchError, NotFound, Unavailable
 from app.monitoring.appmetrics import AppMetrics
 from app.state import StateDir
+from deployments.http import error_response, read_body
 from model_registry.source import RegistryModelSource, ResolvedModel
 
 log = logging.getLogger("ray.serve")
 
 api = FastAPI(title="edgebatch", description="Batched object detection on Ray Serve")
-
-
-def _error(exc: EdgebatchError) -> JSONResponse:
-    return JSONResponse({"error": exc.message}, status_code=exc.status)
 
 
 class ExportedMetrics:
@@ -103,7 +100,7 @@ class DetectorDeployment:
         )
         loop = asyncio.get_running_loop()
         if model_changed:
-            source = RegistryModelSource(config, self._state, spare_cores=1)
+            source = self._source(config)
             model = await loop.run_in_executor(None, source.resolve)
             await self._swap_in(config, source, model)
         else:
@@ -122,6 +119,10 @@ class DetectorDeployment:
         self._batcher.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         if old is None or old.max_batch_size != config.max_batch_size:
             self._batch_size_changed_at = self._metrics.now()  # the controller's windows start here
+
+    def _source(self, config: DetectorConfig) -> RegistryModelSource:
+        # a replica leaves one core to decoding, NMS and HTTP beside the engine
+        return RegistryModelSource(config, self._state, spare_cores=1)
 
     async def _swap_in(self, config: DetectorConfig, source: RegistryModelSource, model: ResolvedModel) -> None:
         """Load a (new) model version beside the serving one, warm it, then switch in one assignment."""
@@ -177,7 +178,7 @@ class DetectorDeployment:
                 return
             await asyncio.sleep(config.alias_poll_s)
             try:
-                source = RegistryModelSource(config, self._state, spare_cores=1)
+                source = self._source(config)
                 version = await loop.run_in_executor(None, source.repo.resolve, config.model, None, config.alias)
                 if self._model is not None and version != self._model.version:
                     async with self._reconfigure_lock:
@@ -241,30 +242,33 @@ class DetectorDeployment:
         except Exception as exc:  # metrics must never cost a request
             log.debug("metrics not recorded: %s", exc)
 
-    def _export(self, n: int, d_batch_s: float, waiting: int) -> None:
+    def _exported_metrics(self) -> tuple[ExportedMetrics, dict[str, str]]:
+        """Ray's metric objects (made on first use, inside the replica) and this model's tag."""
         if self._exported is None:
             self._exported = ExportedMetrics()
-        tags = {"model": self._config.model if self._config else "unknown"}
-        self._exported.batch_size.observe(n, tags=tags)
-        self._exported.d_batch.observe(d_batch_s, tags=tags)
-        self._exported.queue_len.set(waiting, tags=tags)
+        return self._exported, {"model": self._config.model if self._config else "unknown"}
+
+    def _export(self, n: int, d_batch_s: float, waiting: int) -> None:
+        exported, tags = self._exported_metrics()
+        exported.batch_size.observe(n, tags=tags)
+        exported.d_batch.observe(d_batch_s, tags=tags)
+        exported.queue_len.set(waiting, tags=tags)
         now = time.monotonic()
         if now - self._exported_at >= 1.0:  # window gauges at most once a second
             self._exported_at = now
             snap = self._metrics.snapshot(since=self._batch_size_changed_at)
-            self._exported.throughput.set(snap["throughput"], tags=tags)
-            self._exported.d_batch_mean.set(snap["d_batch_s"], tags=tags)
+            exported.throughput.set(snap["throughput"], tags=tags)
+            exported.d_batch_mean.set(snap["d_batch_s"], tags=tags)
             if self._config is not None:
-                self._exported.max_batch_size.set(self._config.max_batch_size, tags=tags)
+                exported.max_batch_size.set(self._config.max_batch_size, tags=tags)
             for stage, figures in snap["stages"].items():
-                self._exported.stage.set(figures["mean_s"], tags={**tags, "stage": stage})
+                exported.stage.set(figures["mean_s"], tags={**tags, "stage": stage})
 
     def _record_drop(self, reason: str) -> None:
         self._metrics.record_drop(reason)
         try:
-            if self._exported is None:
-                self._exported = ExportedMetrics()
-            self._exported.drops.inc(tags={"model": self._config.model if self._config else "unknown", "reason": reason})
+            exported, tags = self._exported_metrics()
+            exported.drops.inc(tags={**tags, "reason": reason})
         except Exception as exc:  # metrics must never cost a request
             log.debug("drop not exported: %s", exc)
 
@@ -339,17 +343,7 @@ class DetectorDeployment:
         return out
 
     async def _read_body(self, request: Request) -> bytes:
-        limit = (self._config or DetectorConfig()).max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"body of {declared} bytes exceeds max_body_bytes={limit}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"body exceeds max_body_bytes={limit}")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_body(request, (self._config or DetectorConfig()).max_body_bytes)
 
     # -- /v1 ---------------------------------------------------------------
     @api.post("/v1/detect")
@@ -362,7 +356,7 @@ class DetectorDeployment:
         except EdgebatchError as exc:
             self._counters["errors"] += 1
             self._record_drop(type(exc).__name__)
-            return _error(exc)
+            return error_response(exc)
 
     @api.get("/v1/models")
     async def models(self) -> dict:
@@ -400,6 +394,9 @@ class DetectorDeployment:
             "batch_wait_timeout_s": c.batch_wait_timeout_s if c else None,
             "loaded_variants": loaded,
             "labels": m.labels if m else [],
+            # what post-processing uses, so stream readers decode exactly as /v1/detect does
+            "postprocess": {"conf": c.conf_threshold, "iou": c.iou_threshold, "max_det": c.max_detections,
+                            "layout": c.layout} if c else {},
             "input_size": list(m.input_size) if m else None,
             "counters": dict(self._counters),
             "batch_sizes_seen": dict(sorted(self._batch_sizes_seen.items())),
@@ -457,7 +454,7 @@ class DetectorDeployment:
             self._check_model(name, version)
             return JSONResponse(model_metadata(self._signature()))
         except EdgebatchError as exc:
-            return _error(exc)
+            return error_response(exc)
 
     @api.get("/v2/models/{name}/ready")
     @api.get("/v2/models/{name}/versions/{version}/ready")
@@ -466,7 +463,7 @@ class DetectorDeployment:
             self._check_model(name, version)
             return Response(status_code=200)
         except EdgebatchError as exc:
-            return _error(exc)
+            return error_response(exc)
 
     @api.post("/v2/models/{name}/infer")
     @api.post("/v2/models/{name}/versions/{version}/infer")
@@ -487,7 +484,7 @@ class DetectorDeployment:
             return Response(content=payload, headers=headers, media_type=headers.get("Content-Type", "application/json"))
         except EdgebatchError as exc:
             self._counters["errors"] += 1
-            return _error(exc)
+            return error_response(exc)
         except (KeyError, ValueError) as exc:
             self._counters["errors"] += 1
-            return _error(BadRequest(f"bad inference request: {exc}"))
+            return error_response(BadRequest(f"bad inference request: {exc}"))

@@ -26,9 +26,10 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from app.config import parse_config
-from app.errors import BadRequest, EdgebatchError, NotFound, PayloadTooLarge
+from app.errors import BadRequest, EdgebatchError, NotFound
 from app.layered.multimodel import ModelSource, MultiModelConfig, MultiModelHost
 from app.state import StateDir
+from deployments.http import error_response, read_body
 
 log = logging.getLogger("ray.serve")
 
@@ -38,10 +39,6 @@ _V2_TYPES = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)
              "tensor(int64)": "INT64", "tensor(int32)": "INT32", "tensor(uint8)": "UINT8"}
 
 api = FastAPI(title="edgebatch multi-model", description="Many models under one memory budget")
-
-
-def _error(exc: EdgebatchError) -> JSONResponse:
-    return JSONResponse({"error": exc.message}, status_code=exc.status)
 
 
 def registry_resolver(config: MultiModelConfig, state: StateDir) -> Callable[[str], ModelSource]:
@@ -121,13 +118,11 @@ class MultiModelDeployment:
         from app.oip import decode_infer_request, encode_infer_response
 
         try:
-            length = int(request.headers.get("content-length") or 0)
-            if length > MAX_BODY_BYTES:
-                raise PayloadTooLarge(f"request body is {length} bytes; the limit is {MAX_BODY_BYTES}")
+            body = await read_body(request, MAX_BODY_BYTES, "the multi-model body limit")
             source, sig = await self._signature(name)
             if version is not None and version != source.version:
                 raise NotFound(f"model {name} is served at version {source.version}, not {version}")
-            req = decode_infer_request(await request.body(), request.headers, sig)
+            req = decode_infer_request(body, request.headers, sig)
             outcome = await asyncio.wrap_future(self._require_host().submit(name, req.inputs))
             payload, headers = encode_infer_response(name, source.version, outcome.outputs, req)
             headers = {**headers, "X-Edgebatch-Mode": outcome.mode,
@@ -135,15 +130,15 @@ class MultiModelDeployment:
             return Response(content=payload, headers=headers,
                             media_type=headers.get("Content-Type", "application/json"))
         except EdgebatchError as exc:
-            return _error(exc)
+            return error_response(exc)
         except (KeyError, ValueError) as exc:
-            return _error(BadRequest(f"bad inference request for {name!r}: {exc}"))
+            return error_response(BadRequest(f"bad inference request for {name!r}: {exc}"))
 
     @api.post("/infer")
     async def infer(self, request: Request) -> Response:
         name = serve.get_multiplexed_model_id() or request.headers.get(MODEL_HEADER, "")
         if not name:
-            return _error(BadRequest(
+            return error_response(BadRequest(
                 f"no model named: set the HTTP header {MODEL_HEADER}: NAME (or use "
                 "/v1/multi/v2/models/NAME/infer)"))
         return await self._infer(name, request)
@@ -160,7 +155,7 @@ class MultiModelDeployment:
         try:
             _, sig = await self._signature(name)
         except EdgebatchError as exc:
-            return _error(exc)
+            return error_response(exc)
         return JSONResponse(model_metadata(sig))
 
     @api.get("/v2/health/ready")

@@ -26,6 +26,7 @@ from ray import serve
 from ray.serve import Application
 
 from app.errors import BadRequest, EdgebatchError, NotFound, Unavailable
+from deployments.http import error_response
 
 log = logging.getLogger("ray.serve")
 
@@ -70,10 +71,6 @@ class StreamRequest(BaseModel):
     reconnect_attempts: int | None = Field(8, ge=0, le=100000, description="None = retry forever")
     reconnect_initial_s: float = Field(0.5, gt=0, le=60)
     id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,40}$")
-
-
-def _error(exc: EdgebatchError) -> JSONResponse:
-    return JSONResponse({"error": exc.message}, status_code=exc.status)
 
 
 def _parse_request(data: Any) -> StreamRequest:
@@ -132,7 +129,8 @@ class StreamReaderActor:
         self.pipeline = StreamPipeline(
             HandleEngineStage(handle),
             input_size=(int(size[0]), int(size[1])),
-            post=PostprocessParams(labels=list(detector_info.get("labels") or [])),
+            post=PostprocessParams(labels=list(detector_info.get("labels") or []),
+                                   **(detector_info.get("postprocess") or {})),
             batch_wait_s=0.0,
             max_in_flight=32,
         )
@@ -232,7 +230,7 @@ class StreamsIngress:
             self.requests[sid] = req.model_dump()
             return JSONResponse(started["stream"], status_code=201)
         except EdgebatchError as exc:
-            return _error(exc)
+            return error_response(exc)
 
     async def _status(self, sid: str, actor: Any) -> dict[str, Any]:
         try:
@@ -258,14 +256,14 @@ class StreamsIngress:
         try:
             return JSONResponse(await self._status(stream_id, self._actor(stream_id)))
         except EdgebatchError as exc:
-            return _error(exc)
+            return error_response(exc)
 
     @api.delete("/{stream_id}")
     async def remove(self, stream_id: str) -> JSONResponse:
         try:
             actor = self._actor(stream_id)
         except EdgebatchError as exc:
-            return _error(exc)
+            return error_response(exc)
         try:
             final = await asyncio.wait_for(actor.stop.remote(), timeout=30)
         except Exception as exc:
@@ -281,7 +279,7 @@ class StreamsIngress:
         try:
             actor = self._actor(stream_id)
         except EdgebatchError as exc:
-            return _error(exc)
+            return error_response(exc)
 
         async def feed():
             pos = max(0, cursor)

@@ -35,6 +35,7 @@ from ray.serve import Application
 from app.errors import BadRequest, ConfigError, EdgebatchError, NotFound, PayloadTooLarge, Unavailable
 from app.tenancy import PlacementSpec, TenancyConfig, deployment_name, parse_tenancy, split_deployment_name
 from deployments.detector import DetectorDeployment
+from deployments.http import error_response, read_body
 from policies.placement import Placement, PlacementPlan, concurrency_level, route_weights
 
 log = logging.getLogger("ray.serve")
@@ -131,10 +132,6 @@ def _cause(exc: EdgebatchError) -> EdgebatchError:
     return cause if isinstance(cause, EdgebatchError) else exc
 
 
-def _error(exc: EdgebatchError) -> JSONResponse:
-    return JSONResponse({"error": exc.message}, status_code=exc.status)
-
-
 @serve.deployment(name="ModelRouter", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class ModelRouter:
@@ -215,10 +212,10 @@ class ModelRouter:
     @api.post("/{model}/v1/detect")
     async def http_detect(self, model: str, request: Request) -> JSONResponse:
         try:
-            body = await request.body()
+            body = await read_body(request, MAX_BODY_BYTES, "the router's body limit")
             return JSONResponse(await self.detect_bytes(model, body))
         except EdgebatchError as exc:
-            return _error(exc)
+            return error_response(exc)
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

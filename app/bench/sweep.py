@@ -174,33 +174,33 @@ def run_point(
     point = SweepPoint(backend, batch_size, concurrency)
     engines: list[Engine] = []
     try:
-        with UsageSampler() as usage:
-            for _ in range(concurrency):
-                engines.append(factory(backend, batch_size))
-            shape = engines[0].input_shape
-            if shape and shape[0] != batch_size:
-                raise ValueError(f"engine batch size {shape[0]} != requested {batch_size}")
-            batch = np.random.default_rng(seed).random(shape, dtype=np.float32)
-            for engine in engines:
-                for _ in range(warmup):
-                    engine.run(batch)
-            latencies: list[list[float]] = [[] for _ in engines]
-            errors: list[BaseException] = []
-            start = threading.Barrier(concurrency + 1)
+        for _ in range(concurrency):
+            engines.append(factory(backend, batch_size))
+        shape = engines[0].input_shape
+        if shape and shape[0] != batch_size:
+            raise ValueError(f"engine batch size {shape[0]} != requested {batch_size}")
+        batch = np.random.default_rng(seed).random(shape, dtype=np.float32)
+        for engine in engines:
+            for _ in range(warmup):
+                engine.run(batch)
+        latencies: list[list[float]] = [[] for _ in engines]
+        errors: list[BaseException] = []
+        start = threading.Barrier(concurrency + 1)
 
-            def work(i: int) -> None:
-                try:
-                    start.wait()
-                    for _ in range(runs):
-                        t0 = time.perf_counter()
-                        engines[i].run(batch)
-                        latencies[i].append(time.perf_counter() - t0)
-                except BaseException as exc:  # noqa: BLE001 - reported as the stop reason
-                    errors.append(exc)
+        def work(i: int) -> None:
+            try:
+                start.wait()
+                for _ in range(runs):
+                    t0 = time.perf_counter()
+                    engines[i].run(batch)
+                    latencies[i].append(time.perf_counter() - t0)
+            except BaseException as exc:  # noqa: BLE001 - reported as the stop reason
+                errors.append(exc)
 
-            threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(concurrency)]
-            for t in threads:
-                t.start()
+        threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(concurrency)]
+        for t in threads:
+            t.start()
+        with UsageSampler() as usage:  # the measured runs only: loading and warm-up are not the point's load
             start.wait()
             t_begin = time.perf_counter()
             for t in threads:

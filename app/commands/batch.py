@@ -12,7 +12,7 @@ import json
 import time
 from typing import Any
 
-from app.errors import BadRequest, ConfigError, EdgebatchError, NotFound, Unavailable
+from app.errors import BadRequest, ConfigError, EdgebatchError, NotFound, Unavailable, one_line
 
 POLICIES = ("throughput_aware", "algorithm1", "aimd", "fixed")
 
@@ -91,7 +91,7 @@ def _call(method: Any, *args: Any, timeout_s: float = 180.0, **kwargs: Any) -> d
     except EdgebatchError:
         raise
     except Exception as exc:
-        raise Unavailable(f"the batch controller did not answer: {str(exc).strip().splitlines()[-1][:300]}") from None
+        raise Unavailable(f"the batch controller did not answer: {one_line(exc)[:300]}") from None
     if isinstance(result, dict) and result.get("error"):
         raise BadRequest(result["error"])
     return result
@@ -127,7 +127,7 @@ def cmd_set(args: argparse.Namespace) -> int:
         try:
             info = handle.set_batch_size.remote(args.n).result(timeout_s=180)
         except Exception as exc:
-            raise BadRequest(f"could not set {args.model} to batch {args.n}: {str(exc).strip().splitlines()[-1][:300]}") from None
+            raise BadRequest(f"could not set {args.model} to batch {args.n}: {one_line(exc)[:300]}") from None
         out = {"model": args.model, "app": app_name, "current_batch_size": info.get("max_batch_size"),
                "loaded_variants": list(info.get("loaded_variants", {}))}
         line = f"{args.model}: batch size {out['current_batch_size']} (no controller running; set on the detector)"

@@ -41,9 +41,7 @@ def write_sample_video(
     scene = MovingScene(seed=seed, width=width, height=height, n_objects=n_objects)
     tmp_video = path.with_name(path.name + ".partial" + path.suffix)
     tmp_gt = path.with_name(path.name + ".gt.jsonl.partial")
-    writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height))
-    if not writer.isOpened():
-        raise RuntimeError(f"OpenCV could not open an mp4v writer for {path}; check that the folder is writable")
+    writer = open_video_writer(tmp_video, fps, (width, height))
     try:
         with tmp_gt.open("w") as sidecar:
             for i in range(n_frames):
@@ -71,3 +69,13 @@ def read_ground_truth(path: str | Path) -> list[list[GroundTruth]]:
                 raise ValueError(f"{sidecar}: line {expected + 1} holds frame {record['frame']}, expected {expected}")
             frames.append([GroundTruth.from_json(o) for o in record["objects"]])
     return frames
+
+
+def open_video_writer(path: Path, fps: float, size: tuple[int, int]):
+    """An OpenCV writer for ``path`` (mp4v for .mp4, MJPG otherwise), checked: OpenCV itself
+    returns a writer that silently writes nothing when the codec or the folder is missing."""
+    codec = "mp4v" if Path(path).suffix.lower() == ".mp4" else "MJPG"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), float(fps), size)
+    if not writer.isOpened():
+        raise RuntimeError(f"OpenCV could not open a {codec} writer for {path}; check that the folder is writable")
+    return writer

@@ -42,6 +42,7 @@ from app.layered.executor import (
     load_session,
     profile_stages_isolated,
     release_heap,
+    run_session,
 )
 from policies.loading import (
     LOADING_POLICIES,
@@ -100,6 +101,7 @@ class HostedModel:
     session: Any = None
     last_used: float = 0.0
     output_specs: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)
+    split_plan: Any = None  # the host's loading plan for the staged form, made once (the policy is fixed)
 
 
 @dataclass
@@ -228,14 +230,20 @@ class MultiModelHost:
             return hosted.whole_bytes
         if hosted.staged is None:
             return hosted.whole_bytes
-        return plan_loading(hosted.staged.spec, self.policy).peak_bytes
+        return self._split_plan(hosted).peak_bytes
 
     def _service_s(self, hosted: HostedModel) -> float:
         if hosted.session is not None:
             return max(hosted.whole_exec_s, 1e-6)
         if self.fits_whole(hosted) or hosted.staged is None:
             return max(hosted.whole_load_s + hosted.whole_exec_s, 1e-6)
-        return max(plan_loading(hosted.staged.spec, self.policy).est_makespan_s, 1e-6)
+        return max(self._split_plan(hosted).est_makespan_s, 1e-6)
+
+    def _split_plan(self, hosted: HostedModel):
+        """Queue ordering asks for every queued request on every dispatch: plan once per model."""
+        if hosted.split_plan is None:
+            hosted.split_plan = plan_loading(hosted.staged.spec, self.policy)
+        return hosted.split_plan
 
     def _evict_lru(self) -> str | None:
         if not self._resident:
@@ -286,9 +294,7 @@ class MultiModelHost:
             loaded, evicted = self._load_whole(hosted)
             with PeakRss() as peak:
                 t0 = time.perf_counter()
-                feed = {i.name: pending.inputs[i.name] for i in hosted.session.get_inputs()}
-                names = [o.name for o in hosted.session.get_outputs()]
-                outputs = dict(zip(names, hosted.session.run(names, feed)))
+                outputs = run_session(hosted.session, pending.inputs)
                 hosted.whole_exec_s = time.perf_counter() - t0
             mode, policy, measured = "whole", None, peak.delta_bytes
         else:
@@ -449,10 +455,13 @@ class MultiModelHost:
                 pass
 
     def describe(self, name: str) -> tuple[ModelSource, dict, dict]:
-        """Source, input specs (shape, ORT type) and output specs of a model; resolves it on first use."""
-        with self._run_lock:
-            hosted = self._hosted(name)
-            return hosted.source, dict(hosted.input_specs), dict(hosted.output_specs)
+        """Source, input specs (shape, ORT type) and output specs of a model; resolves it on first use.
+        A known model is answered without the run lock, so requests do not queue behind a running one."""
+        hosted = self._models.get(name)  # entries are only ever added, whole
+        if hosted is None:
+            with self._run_lock:
+                hosted = self._hosted(name)
+        return hosted.source, dict(hosted.input_specs), dict(hosted.output_specs)
 
     # ------------------------------------------------------------------ status
     def info(self) -> dict[str, Any]:

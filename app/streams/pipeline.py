@@ -24,7 +24,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from app.errors import BadRequest, NotFound
+from app.errors import BadRequest, NotFound, one_line
 from app.pipeline import Letterbox, postprocess, prepare
 from app.streams.reader import (
     BEHIND_POLICIES,
@@ -352,7 +352,7 @@ class StreamPipeline:
             try:
                 out = waiter()
             except Exception as exc:  # the detector failed this batch: its frames say so, the stream goes on
-                out, error = EngineOutput([], 0.0, [len(good)] * len(good)), f"inference failed: {_message(exc)}"
+                out, error = EngineOutput([], 0.0, [len(good)] * len(good)), f"inference failed: {one_line(exc)}"
             t0 = time.perf_counter()
             dets_by_id: dict[int, list] = {}
             if error is None and good:
@@ -372,6 +372,7 @@ class StreamPipeline:
                 inference_s=out.inference_s,
                 postprocess_s=post_s / max(1, len(batch)) * n_batch,
                 arrival_fps=self.fps_in.rate(),
+                own_frames=len(batch),
             )
             now = time.time()
             for w in batch:
@@ -431,12 +432,6 @@ class StreamPipeline:
                 except Exception as exc:
                     log.warning("stream %s: closing sink failed: %s", s.id, exc)
         s.hub.close(reason)
-
-
-def _message(exc: BaseException) -> str:
-    """One line for a per-frame error: our own message, else the last line of a (Ray) traceback."""
-    text = getattr(exc, "message", None) or str(exc).strip()
-    return text.splitlines()[-1] if text else type(exc).__name__
 
 
 def _failed(exc: Exception) -> Callable[[], EngineOutput]:

@@ -198,14 +198,17 @@ class AnnotatedVideoSink:
         self._closed = False
 
     def write(self, result: FrameResult) -> None:
-        import cv2
-
         if result.image is None or self._closed:
             return
         if self._writer is None:
+            from app.demo.video import open_video_writer
+
             h, w = result.image.shape[:2]
-            fourcc = cv2.VideoWriter_fourcc(*("mp4v" if self.path.suffix.lower() == ".mp4" else "MJPG"))
-            self._writer = cv2.VideoWriter(str(self.path), fourcc, float(self.fps), (w, h))
+            try:
+                self._writer = open_video_writer(self.path, self.fps, (w, h))
+            except RuntimeError:
+                self._closed = True  # said once (the pipeline logs it), not retried on every frame
+                raise
         self._writer.write(draw_detections(result.image, result.detections))
         self.frames += 1
 

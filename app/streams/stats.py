@@ -62,6 +62,9 @@ class BatchTiming:
     inference_s: float
     postprocess_s: float  # sum over the batch's frames
     arrival_fps: float  # frames/s entering the pipeline (all streams) when the batch ran
+    # this pipeline's frames in the batch, when the detector batched them with others' (Ray mode:
+    # ``size`` then counts other readers' frames and HTTP requests, which arrival_fps does not)
+    own_frames: int | None = None
 
     @property
     def d_batch_s(self) -> float:
@@ -69,8 +72,9 @@ class BatchTiming:
 
     @property
     def budget_s(self) -> float | None:
-        """N / F: how long N frames take to arrive."""
-        return self.size / self.arrival_fps if self.arrival_fps > 0 else None
+        """N / F: how long this pipeline's N frames of the batch take to arrive at F."""
+        n = self.size if self.own_frames is None else self.own_frames
+        return n / self.arrival_fps if self.arrival_fps > 0 else None
 
     @property
     def margin_s(self) -> float | None:
