@@ -132,9 +132,9 @@ class VariantPool:
                     engines.append(engine)
                     warm = np.zeros(engine.input_shape, dtype=np.float32)
                     out_shape = tuple(int(d) for d in engine.run(warm)[0].shape)
-                    t_run = time.perf_counter()
-                    engine.run(warm)  # the first run pays one-off allocations; time the second
-                    run_s = time.perf_counter() - t_run
+                t_run = time.perf_counter()
+                engines[0].run(warm)  # the first run pays one-off allocations; time a second one, once
+                run_s = time.perf_counter() - t_run
             except EdgebatchError:
                 raise
             except (MemoryError, RuntimeError, OSError) as exc:
@@ -158,18 +158,18 @@ class VariantPool:
         less. On a CPU, where images/s hardly grows with the batch, 5 requests on {b1, b8} run as
         5 x b1 instead of paying for 3 padded images; on a GPU the padded run usually wins."""
         loaded = self._loaded
-        first = self.pick(n)
+        first = self.pick(n)  # raises when nothing is loaded
         sizes = sorted(loaded)
-        chunks: list[LoadedVariant] = []
+        chunks: list[LoadedVariant] = []  # largest piece that fits the rest; the smallest, padded, last
         rest = n
-        while rest > 0 and sizes:
+        while rest > 0:
             size = max((s for s in sizes if s <= rest), default=sizes[0])
             chunks.append(loaded[size])
             rest -= size
         if first.batch_size < n:  # larger than any variant: it runs in pieces anyway
-            return chunks or [first]
-        padded_s, split_s = first.run_s, sum(lv.run_s for lv in chunks)
-        if chunks and padded_s > 0 and all(lv.run_s > 0 for lv in chunks) and split_s < 0.9 * padded_s:
+            return chunks
+        split_s = sum(lv.run_s for lv in chunks)
+        if first.run_s > 0 and all(lv.run_s > 0 for lv in chunks) and split_s < 0.9 * first.run_s:
             return chunks
         return [first]
 
@@ -257,15 +257,12 @@ class Detector:
 
     @staticmethod
     def _predict_on(runs: Sequence[LoadedVariant], batch: np.ndarray) -> np.ndarray:
-        if len(runs) == 1 and batch.shape[0] <= runs[0].batch_size:
-            return runs[0].run(batch)[0]
-        outs, start, i = [], 0, 0
-        while start < batch.shape[0]:  # the plan's runs in order, repeating the last for any rest
-            lv = runs[min(i, len(runs) - 1)]
+        """The plan's runs over consecutive slices (they cover the batch; the last may be padded)."""
+        outs, start = [], 0
+        for lv in runs:
             outs.append(lv.run(batch[start : start + lv.batch_size])[0])
             start += lv.batch_size
-            i += 1
-        return np.concatenate(outs, axis=0)
+        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
 
     def unbatch(self, output: np.ndarray, items: Sequence[PreparedImage]) -> list[list[Detection]]:
         c = self.config

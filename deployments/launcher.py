@@ -82,16 +82,21 @@ def check_detector_configs(config: dict, path: object = "the Serve config") -> N
                 parse_config(DetectorConfig, dep["user_config"], where)
 
 
+def _head_record(state: StateDir) -> dict[str, Any]:
+    """What `edgebatch up` noted about the head it started ({} when it started none)."""
+    try:
+        record = json.loads(state.ray_head_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) and "address" in record else {}
+
+
 def cluster_address(state: StateDir | None = None) -> str:
     """Where to find Ray: RAY_ADDRESS, else the head `edgebatch up` started (recorded in the
     state folder), else Ray's own "auto" lookup of a head started on this machine."""
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"]
-    state = state or StateDir.default()
-    try:
-        return json.loads(state.ray_head_file.read_text())["address"]
-    except (OSError, ValueError, KeyError):
-        return "auto"
+    return _head_record(state or StateDir.default()).get("address", "auto")
 
 
 def _gcs_answers(address: str, timeout_s: float = 2.0) -> bool:
@@ -113,17 +118,11 @@ def _gcs_answers(address: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def use_token_auth_by_default() -> None:
-    """Ray 2.60's `ray start` turns token authentication on (``~/.ray/auth_token``) but a Python
-    driver only sends the token when ``RAY_AUTH_MODE=token``; without it every connection is
-    refused as unauthenticated. Follow the head unless the user chose a mode. Ray reads it at
-    import, so the CLI sets it first thing; this covers callers that use the launcher directly."""
-    if "RAY_AUTH_MODE" not in os.environ:
-        os.environ["RAY_AUTH_MODE"] = "token"
-
-
 def ray_running(address: str | None = None) -> bool:
-    """Is there a Ray cluster to join (RAY_ADDRESS, the head `up` started, or a local head)?"""
+    """Is there a Ray cluster to join (RAY_ADDRESS, the head `up` started, or a local head)?
+
+    A head from `ray start` (Ray 2.60) wants token authentication, which a driver only sends when
+    ``RAY_AUTH_MODE=token`` was set before Ray was imported: the CLI sets it first thing."""
     import ray
 
     if ray.is_initialized():
@@ -131,7 +130,6 @@ def ray_running(address: str | None = None) -> bool:
     address = address or cluster_address()
     if not _gcs_answers(address):
         return False
-    use_token_auth_by_default()
     try:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the CLI prints its own lines
@@ -151,7 +149,6 @@ def start_local_head(state: StateDir, num_cpus: int | None = None, dashboard: bo
     cmd.append(f"--include-dashboard={'true' if dashboard else 'false'}")
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
-    use_token_auth_by_default()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -170,9 +167,8 @@ def record_session(state: StateDir, direct_ingress: bool = False) -> None:
     it was started with direct ingress."""
     import ray
 
-    try:
-        info = json.loads(state.ray_head_file.read_text())
-    except (OSError, ValueError):
+    info = _head_record(state)
+    if not info:
         return
     node = getattr(ray._private.worker, "_global_node", None)
     session_dir = node.get_session_dir_path() if node is not None else None
@@ -183,10 +179,7 @@ def record_session(state: StateDir, direct_ingress: bool = False) -> None:
 
 
 def head_has_direct_ingress(state: StateDir) -> bool:
-    try:
-        return bool(json.loads(state.ray_head_file.read_text()).get("direct_ingress"))
-    except (OSError, ValueError):
-        return False
+    return bool(_head_record(state).get("direct_ingress"))
 
 
 def direct_ingress_urls(app_name: str) -> list[str]:
@@ -214,9 +207,8 @@ def stop_local(state: StateDir, timeout_s: float = 15.0) -> str:
     """Stop the head `edgebatch up` started, and only that: a joined cluster is left alone."""
     import psutil
 
-    try:
-        info = json.loads(state.ray_head_file.read_text())
-    except (OSError, ValueError):
+    info = _head_record(state)
+    if not info:
         return "no Ray head started by `edgebatch up` is recorded here; any other Ray cluster is left running"
     port = info["address"].rpartition(":")[2]
     session_dir = info.get("session_dir") or _session_dir_of_gcs_port(port)
@@ -361,7 +353,7 @@ def _add_pending_reasons(summary: dict[str, Any]) -> None:
         from deployments.tenancy import pending_reasons
 
         reasons = pending_reasons()
-    except Exception as exc:  # status must never fail because the controller is busy
+    except Exception as exc:  # status must never fail because Ray's state API is slow or busy
         summary["pending_error"] = str(exc)
         return
     for app_name, by_deployment in reasons.items():

@@ -67,20 +67,17 @@ def _prepare(names: list[str], stages: int, root: Path) -> list[BenchModel]:
     return out
 
 
-def run_queue(models: list[BenchModel], requests: int, policy: str, order: str, budget_bytes: int,
-              warm_model: Path | None = None) -> dict:
+def run_queue(models: list[BenchModel], requests: int, policy: str, order: str, budget_bytes: int) -> dict:
     """Serve the queue one request at a time in the chosen order; measured time and memory.
 
     Meant to run in a fresh process (``isolated``): a process that already ran other
     policies keeps freed pages resident and reuses them, which hides new memory from
-    the high-water mark. ``warm_model`` pays ONNX Runtime's one-time start-up first.
+    the high-water mark. ONNX Runtime's one-time start-up is paid first, outside the measurement.
     """
-    from app.layered.executor import (LayeredExecutor, MemoryBudgetError, MemoryLedger, PeakRss, load_session,
-                                      release_heap)
+    from app.layered.executor import LayeredExecutor, MemoryBudgetError, MemoryLedger, PeakRss, release_heap, warm_runtime
     from policies.loading import Request, order_requests
 
-    if warm_model is not None:
-        load_session(warm_model)  # ONNX Runtime's one-time start-up, before the baseline
+    warm_runtime()
     executor = LayeredExecutor(MemoryLedger(budget_bytes))
     try:
         plans = {m.name: executor.plan(m.staged, policy) for m in models}  # refused before anything runs
@@ -194,9 +191,6 @@ def _cmd_bench_loading(args: argparse.Namespace) -> int:
         print("writing, splitting and profiling models...", file=sys.stderr)
         models = _prepare(names, args.stages, Path(tmp))
         from app.layered.executor import isolated
-        from app.layered.synthetic import write_conv_chain
-
-        warm = write_conv_chain(Path(tmp) / "warm.onnx", layers=1, channels=4, size=4)
         samples: dict[tuple[float, str, str], list[dict]] = {}
         for repeat in range(args.repeats):  # policies alternate, so a burst of load on the box hits all
             for budget in budgets:
@@ -204,7 +198,7 @@ def _cmd_bench_loading(args: argparse.Namespace) -> int:
                     print(f"  [{repeat + 1}/{args.repeats}] budget {budget:g} MB: {policy} / {order}...",
                           file=sys.stderr)
                     samples.setdefault((budget, policy, order), []).append(
-                        isolated(run_queue, models, args.requests, policy, order, int(budget * 1e6), warm))
+                        isolated(run_queue, models, args.requests, policy, order, int(budget * 1e6)))
         rows = [{"budget_mb": b, "policy": p, "order": o, **_combine(runs)} for (b, p, o), runs in samples.items()]
     report = BenchReport("loading", [
         ("budget_mb", "BUDGET MB"), ("policy", "POLICY"), ("order", "ORDER"), ("status", "STATUS"), ("needed_mb", "NEEDS MB"),

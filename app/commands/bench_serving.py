@@ -87,6 +87,8 @@ def cmd_http(args: argparse.Namespace) -> int:
     from app.bench.images import sample_jpegs
 
     sizes = parse_sizes(args.batch_sizes)
+    if args.peer_url and args.protocol != "v2":  # before any load: a wrong flag costs nothing
+        raise ConfigError("--peer-url compares v2 tensor requests: add --protocol v2")
     base = args.url.rstrip("/")
     jpegs = sample_jpegs()
     if args.protocol == "v1":
@@ -113,8 +115,6 @@ def cmd_http(args: argparse.Namespace) -> int:
         bare_rows, _ = engine_rows(args.model, sizes, args.batches)
         bare = {r["batch_size"]: r["images_per_s"] for r in bare_rows}
 
-    if args.peer_url and args.protocol != "v2":
-        raise ConfigError("--peer-url compares v2 tensor requests: add --protocol v2")
     peer_url = f"{args.peer_url.rstrip('/')}/v2/models/{args.model}/infer" if args.peer_url else None
     rows = []
     for n in sizes if not args.external else sizes[:1]:

@@ -9,6 +9,7 @@ MLflow for a file, so the same command runs on a GPU box with only ONNX Runtime.
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 from app.bench.report import BenchReport
@@ -71,9 +72,13 @@ def engine_factory(model: str, threads: int | None, alias: str | None) -> tuple[
 
         ensure_demo_model(repo)
 
+    @functools.cache
+    def variant_path(backend: str, batch_size: int):
+        """One registry lookup (and hash check) per variant, not one per engine instance."""
+        return repo.find(model, alias=alias, batch_size=batch_size, backend=backend).path
+
     def from_registry(backend: str, batch_size: int) -> Engine:
-        variant = repo.find(model, alias=alias, batch_size=batch_size, backend=backend)
-        return create_engine(backend, variant.path, options={**options, "batch_size": batch_size})
+        return create_engine(backend, variant_path(backend, batch_size), options={**options, "batch_size": batch_size})
 
     return from_registry, f"{model}@{alias} from the registry"
 

@@ -304,7 +304,7 @@ def warm_runtime(options: dict | None = None) -> None:
     release_heap()
 
 
-def _run_session(session: Any, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def run_session(session: Any, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     feed = {i.name: tensors[i.name] for i in session.get_inputs()}
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feed)))
@@ -321,7 +321,7 @@ def profile_stages(name: str, paths: Sequence[Path], inputs: dict[str, np.ndarra
         raise BadRequest(f"model {name!r} has no stage files")
     release_heap()
     warm = load_session(paths[0], options)
-    _run_session(warm, inputs)
+    run_session(warm, inputs)
     del warm
     tensors = dict(inputs)
     profiles = []
@@ -332,7 +332,7 @@ def profile_stages(name: str, paths: Sequence[Path], inputs: dict[str, np.ndarra
             t0 = time.perf_counter()
             session = load_session(path, options)
             t1 = time.perf_counter()
-            tensors = _run_session(session, tensors)  # a cut carries one live tensor: drop the rest
+            tensors = run_session(session, tensors)  # a cut carries one live tensor: drop the rest
             t2 = time.perf_counter()
         del session
         release_heap()
@@ -474,7 +474,7 @@ class LayeredExecutor:
                     self.memory.release(f"{key}{step.stage}")
                     raise
             elif isinstance(step, Run):
-                produced = _run_session(sessions[step.stage], tensors)
+                produced = run_session(sessions[step.stage], tensors)
                 tensors.clear()  # a cut carries one live tensor: the previous activations can go
                 tensors.update(produced)
                 if step.stage == last:

@@ -14,6 +14,7 @@ metrics and answers ``stats()`` with ``snapshot``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import time
@@ -101,8 +102,8 @@ class AppMetrics:
 
     def recent_item_stages(self, last: int = 64) -> tuple[float, float]:
         """Mean (pre_s, post_s) of the last ``last`` items: a batch's pre/post delay estimate."""
-        with self._lock:
-            items = list(self._items)[-last:]
+        with self._lock:  # the newest ``last`` only: this runs on every batch, under record_item's lock
+            items = list(itertools.islice(reversed(self._items), last))
         return _mean([i[1] for i in items]), _mean([i[2] for i in items])
 
     # -- reading ---------------------------------------------------------
