@@ -27,10 +27,15 @@ COMMAND_MODULES = (
 
 
 def _quiet_env() -> None:
-    """Defaults set before Ray is imported (Ray reads them once, at import)."""
+    """Defaults set before Ray is imported (Ray reads them once, at import): this instance's Ray
+    token (`ray start` in Ray 2.60 turns token auth on; a driver sends the token only in this mode),
+    quieter logs."""
+    from app.instance import ray_auth_env
+    from app.state import StateDir
+
+    for key, value in ray_auth_env(StateDir.default()).items():
+        os.environ.setdefault(key, value)
     for key, value in (
-        # `ray start` (Ray 2.60) turns token auth on, but a driver only sends the token in this mode
-        ("RAY_AUTH_MODE", "token"),
         ("RAY_USAGE_STATS_ENABLED", "0"),
         ("MLFLOW_DISABLE_TELEMETRY", "true"),
         ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),

@@ -55,6 +55,16 @@ class DetectorConfig(BaseModel):
             raise ValueError("must be letters, digits, '_', '-', '.'; no path separators or '..'")
         return v
 
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, v: Any) -> str | None:
+        """MLflow versions are positive integers; YAML's ``version: 3`` is as good as ``"3"``."""
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, str)) or not str(v).strip().isdigit() or int(v) < 1:
+            raise ValueError(f"must be a positive integer model version (as in `edgebatch models list`), got {v!r}")
+        return str(int(v))
+
     @field_validator("batch_sizes")
     @classmethod
     def _sizes(cls, v: list[int]) -> list[int]:

@@ -49,6 +49,15 @@ class StateDir:
         return self.root / "videos"
 
     @property
-    def ray_head_file(self) -> Path:
-        """Address of the local Ray head that `edgebatch up` started (absent when it joined one)."""
-        return self.root / "ray_head.json"
+    def instance_file(self) -> Path:
+        """What `edgebatch up` recorded: cluster address, ports, HTTP address (``app.instance``)."""
+        return self.root / "instance.json"
+
+    @property
+    def ray_token_file(self) -> Path:
+        """The Ray authentication token of this instance's cluster (mode 0600)."""
+        return self.root / "ray" / "auth_token"
+
+    @property
+    def outputs(self) -> Path:
+        return self.root / "outputs"

@@ -8,5 +8,5 @@ export RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true
 .venv/bin/edgebatch up
 .venv/bin/edgebatch demo
 echo
-echo "The detector keeps serving on http://127.0.0.1:8000 ; 'edgebatch status' shows it, 'edgebatch down' stops it."
+echo "The detector keeps serving (address above); 'edgebatch status' shows it, 'edgebatch down' stops it."
 echo "(activate the environment first: source .venv/bin/activate)"

@@ -94,9 +94,10 @@ def serve_app(ray_cluster, demo_repo, state):
     import httpx
 
     from deployments import launcher
+    from deployments.config_file import load_serve_config
 
     port = free_port()
-    config = launcher.load_serve_config(None, state, port=port)
+    config = load_serve_config(None, state, port=port)
     det = config["applications"][0]["deployments"][0]
     det["user_config"]["alias_poll_s"] = 0.5
     det["graceful_shutdown_timeout_s"] = 1
@@ -126,6 +127,7 @@ def deploy_apps(serve_app, state):
     to drop extra apps again. Returns the merged config.
     """
     from deployments import launcher
+    from deployments.config_file import load_serve_config
 
     extra: dict[str, dict] = {}
 
@@ -134,7 +136,7 @@ def deploy_apps(serve_app, state):
             extra.pop(name, None)
         for app in apps or []:
             extra[app["name"]] = app
-        config = launcher.load_serve_config(None, state, port=serve_app["port"])
+        config = load_serve_config(None, state, port=serve_app["port"])
         base = config["applications"][0]
         base["deployments"][0]["user_config"]["alias_poll_s"] = 0.5
         base["deployments"][0]["graceful_shutdown_timeout_s"] = 1

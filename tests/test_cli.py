@@ -12,7 +12,7 @@ import pytest
 
 from app.cli import main
 from app.state import StateDir
-from deployments import launcher
+from deployments import cluster, config_file, status
 
 
 def _dead_address() -> str:
@@ -22,24 +22,26 @@ def _dead_address() -> str:
     return f"127.0.0.1:{port}"  # closed again: nothing listens there
 
 
-def test_cluster_address_prefers_ray_address_then_recorded_head(tmp_path, monkeypatch):
+def test_cluster_address_is_ray_address_or_the_recorded_head_never_auto(tmp_path, monkeypatch):
     state = StateDir(tmp_path).ensure()
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert launcher.cluster_address(state) == "auto"
-    state.ray_head_file.write_text(json.dumps({"address": "127.0.0.1:6390"}))
-    assert launcher.cluster_address(state) == "127.0.0.1:6390"
+    assert cluster.cluster_address(state) is None  # never Ray's machine-wide "auto" lookup
+    state.instance_file.write_text(json.dumps({"address": "127.0.0.1:6390", "started_head": True}))
+    assert cluster.cluster_address(state) == "127.0.0.1:6390"
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
-    assert launcher.cluster_address(state) == "10.0.0.5:6379"
+    assert cluster.cluster_address(state) == "10.0.0.5:6379"
 
 
 def test_dead_address_is_reported_at_once_not_after_ray_retries():
     # ray.init on a dead GCS retries for minutes; the TCP probe answers first
-    assert launcher._gcs_answers(_dead_address(), timeout_s=1.0) is False
+    assert cluster._gcs_answers(_dead_address(), timeout_s=1.0) is False
 
 
 def test_down_leaves_a_cluster_it_did_not_start(tmp_path):
     state = StateDir(tmp_path).ensure()
-    assert "left running" in launcher.stop_local(state)
+    assert "nothing stopped" in cluster.stop_local(state)
+    state.instance_file.write_text(json.dumps({"address": "127.0.0.1:6390", "started_head": False}))
+    assert "left the joined Ray cluster" in cluster.stop_local(state)
 
 
 def test_status_without_ray_is_one_clear_line(tmp_path):
@@ -75,13 +77,13 @@ def test_bad_model_names_are_refused_with_a_message(argv, capsys, state, demo_re
 def test_up_names_a_bad_user_config_field_before_starting_ray(tmp_path, monkeypatch, capsys):
     import yaml
 
-    config = yaml.safe_load(Path(launcher.DEFAULT_CONFIG).read_text())
+    config = yaml.safe_load(Path(config_file.DEFAULT_CONFIG).read_text())
     config["applications"][0]["deployments"][0]["user_config"]["max_batch_size"] = 32
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(config))
     monkeypatch.setenv("EDGEBATCH_HOME", str(tmp_path / "home"))
     called = []
-    monkeypatch.setattr(launcher, "start_local_head", lambda *a, **k: called.append(a))
+    monkeypatch.setattr(cluster, "start_local_head", lambda *a, **k: called.append(a))
     assert main(["up", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "deployments[0].user_config" in err and "max_batch_size 32" in err and "Traceback" not in err
@@ -110,6 +112,6 @@ def test_direct_ingress_urls_list_replica_ports_not_the_proxy(monkeypatch):
 
     monkeypatch.setattr(ray, "get_actor", lambda name, namespace=None: Controller)
     monkeypatch.setattr(ray, "get", lambda ref, timeout=None: ref)
-    assert launcher.direct_ingress_urls("edgebatch") == ["http://127.0.0.1:30003"]
+    assert status.direct_ingress_urls("edgebatch") == ["http://127.0.0.1:30003"]
     monkeypatch.setattr(ray, "get_actor", lambda *a, **k: (_ for _ in ()).throw(ValueError("no controller")))
-    assert launcher.direct_ingress_urls("edgebatch") == []  # off, or no Serve: nothing, never an error
+    assert status.direct_ingress_urls("edgebatch") == []  # off, or no Serve: nothing, never an error

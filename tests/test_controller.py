@@ -406,7 +406,7 @@ def test_controller_deployment_decides_with_a_reason_and_pins_on_request(serve_a
         assert "not one of" in bad["error"]
         assert "no detector serves model 'nope'" in controller.set_policy.remote("nope", "aimd").result(timeout_s=60)["error"]
 
-        from deployments.launcher import serve_summary
+        from deployments.status import serve_summary
 
         summary = serve_summary()
         assert summary["applications"]["edgebatch"]["detector"]["controller"]["policy"] == "fixed"

@@ -190,17 +190,17 @@ def test_node_loss_reschedules_to_another_node_with_the_tag(deployed):
 
 
 def test_status_says_why_when_no_node_has_the_tag(deployed, jpeg):
-    from deployments import launcher
+    from deployments.status import serve_summary
 
     deployed["remove"]("gpu_b")
 
     def reason():
-        summary = launcher.serve_summary()
+        summary = serve_summary()
         return summary["applications"].get(APP, {}).get("pending", {}).get(GPU_DEP)
 
     line = wait_for(reason, 240, "status to report the gpu placement as unplaceable")
     assert "no alive node offers resource" in line and "gpu_node" in line and "placement gpu" in line
-    summary = launcher.serve_summary()
+    summary = serve_summary()
     assert "gpu_node" in summary["applications"][APP]["deployments"][GPU_DEP]["message"]
     # the model keeps serving from the placement that is left
     out = _router().detect_bytes.remote(MODEL, jpeg).result(timeout_s=120)

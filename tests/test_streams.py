@@ -218,8 +218,9 @@ def test_cli_says_plainly_when_the_app_is_not_running(capsys):
 @pytest.fixture(scope="module")
 def streams_url(deploy_apps, serve_app, state):
     from deployments import launcher
+    from deployments.config_file import load_serve_config
 
-    config = launcher.load_serve_config(None, state, port=serve_app["port"])
+    config = load_serve_config(None, state, port=serve_app["port"])
     app = next(a for a in config["applications"] if a["name"] == "edgebatch-streams")
     app.pop("runtime_env", None)
     app["deployments"][0]["graceful_shutdown_timeout_s"] = 1

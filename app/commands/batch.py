@@ -64,10 +64,9 @@ def parse_params(items: list[str]) -> dict[str, Any]:
 
 
 def _join() -> None:
-    from deployments import launcher
+    from deployments import cluster
 
-    if not launcher.ray_running():
-        raise Unavailable("no Ray cluster is running here; start the app with `edgebatch up` (or set RAY_ADDRESS)")
+    cluster.require_cluster()
 
 
 def _controller() -> Any | None:

@@ -107,18 +107,18 @@ class ClosedLoop:
 
 def _ensure_app(args: argparse.Namespace) -> str:
     """Join the running app, or start Ray in this process and deploy the Serve config; the base URL."""
-    from deployments import launcher
+    from app.instance import recorded_http_url
     from app.state import StateDir
+    from deployments import cluster, launcher
+    from deployments.config_file import load_serve_config
 
     state = StateDir.default().ensure()
-    if not args.own_ray and launcher.ray_running():
+    if not args.own_ray and cluster.ray_running(state=state):
         from ray import serve
 
         if launcher.APP_NAME not in serve.status().applications:
             raise Unavailable("Ray runs but the edgebatch app is not deployed; run `edgebatch up` first")
-        config = launcher.load_serve_config(None, state, port=args.port)
-        http = config.get("http_options", {})
-        return args.url or f"http://127.0.0.1:{http.get('port', 8000)}"
+        return args.url or recorded_http_url(state)
     import ray
 
     from model_registry import ModelRepository
@@ -133,7 +133,7 @@ def _ensure_app(args: argparse.Namespace) -> str:
         with socket.socket() as sock:  # a private Ray must not fight a running app for :8000
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-    config = launcher.load_serve_config(None, state, port=port)
+    config = load_serve_config(None, state, port=port)
     launcher.deploy(config)
     launcher.wait_running(timeout_s=300)
     launcher.wait_running("edgebatch-controller", timeout_s=120)

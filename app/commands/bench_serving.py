@@ -8,6 +8,7 @@ from app.bench.report import BenchReport, percentiles
 from app.commands.bench import common, parse_sizes
 from app.config import DetectorConfig
 from app.errors import ConfigError, Unavailable
+from app.readiness import require_ready
 
 ENGINE_COLUMNS = [("batch_size", "batch"), ("images_per_s", "images/s"), ("p50_ms", "batch p50 ms"), ("p99_ms", "batch p99 ms"), ("images", "images")]
 HTTP_COLUMNS = [
@@ -31,7 +32,7 @@ def add_serving_benches(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per batch size")
     p.add_argument("--warmup", type=float, default=2.0)
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    p.add_argument("--url", default=None, help="base URL of the running app (default: the address `edgebatch up` recorded for this instance)")
     p.add_argument("--protocol", choices=["v1", "v2"], default="v1", help="v1: JPEG to /v1/detect; v2: tensors to /v2 infer")
     p.add_argument("--external", action="store_true", help="target is not edgebatch (e.g. Triton): do not set batch sizes")
     p.add_argument("--no-bare", action="store_true", help="skip the bare-pipeline reference run")
@@ -82,6 +83,17 @@ def cmd_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_or_fail(url: str, bodies: list, args: argparse.Namespace):
+    """One closed-loop run; a run in which nothing succeeded is an error, not a row of zeros."""
+    from app.bench.http_client import run_load
+
+    res = run_load(url, bodies, clients=args.clients, duration_s=args.duration, warmup_s=args.warmup)
+    if res.ok == 0:
+        top = max(res.errors.items(), key=lambda kv: kv[1])[0] if res.errors else "no answer"
+        raise Unavailable(f"none of {res.failed} requests to {url} succeeded ({top}); check the server and --url")
+    return res
+
+
 def cmd_http(args: argparse.Namespace) -> int:
     from app.bench.http_client import run_load, v2_body
     from app.bench.images import sample_jpegs
@@ -89,7 +101,12 @@ def cmd_http(args: argparse.Namespace) -> int:
     sizes = parse_sizes(args.batch_sizes)
     if args.peer_url and args.protocol != "v2":  # before any load: a wrong flag costs nothing
         raise ConfigError("--peer-url compares v2 tensor requests: add --protocol v2")
-    base = args.url.rstrip("/")
+    from app.instance import recorded_http_url
+
+    base = (args.url or recorded_http_url()).rstrip("/")
+    require_ready(base)
+    if args.peer_url:
+        require_ready(args.peer_url.rstrip("/"))
     jpegs = sample_jpegs()
     if args.protocol == "v1":
         url = f"{base}/v1/detect"
@@ -102,10 +119,11 @@ def cmd_http(args: argparse.Namespace) -> int:
 
     handle = None
     if not args.external:
-        from deployments import launcher
+        from deployments import cluster, launcher
 
-        if not launcher.ray_running():
-            raise Unavailable("no Ray cluster is running; start the app with `edgebatch up` (or pass --external --url)")
+        if not cluster.ray_running():
+            raise Unavailable("no edgebatch instance is running here; start it with `edgebatch up` "
+                              "(or pass --external --url for another server)")
         from ray import serve
 
         handle = serve.get_deployment_handle("Detector", app_name=launcher.APP_NAME)
@@ -120,7 +138,7 @@ def cmd_http(args: argparse.Namespace) -> int:
     for n in sizes if not args.external else sizes[:1]:
         if handle is not None:
             handle.set_batch_size.remote(n).result(timeout_s=120)
-        res = run_load(url, bodies, clients=args.clients, duration_s=args.duration, warmup_s=args.warmup)
+        res = _load_or_fail(url, bodies, args)
         row = {"batch_size": n if handle is not None else None, "clients": args.clients, "images_per_s": res.rps,
                "failed": res.failed, "ok": res.ok, **percentiles(res.latencies_s)}
         if n in bare and handle is not None:
@@ -130,7 +148,7 @@ def cmd_http(args: argparse.Namespace) -> int:
             row["errors"] = res.errors
         rows.append(row)
         if peer_url:
-            peer = run_load(peer_url, bodies, clients=args.clients, duration_s=args.duration, warmup_s=args.warmup)
+            peer = _load_or_fail(peer_url, bodies, args)
             rows.append({"batch_size": "peer", "clients": args.clients, "images_per_s": peer.rps, "failed": peer.failed,
                          "ok": peer.ok, "peer_url": args.peer_url, **percentiles(peer.latencies_s),
                          **({"errors": peer.errors} if peer.errors else {})})

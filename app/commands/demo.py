@@ -9,6 +9,8 @@ from collections import Counter
 from pathlib import Path
 
 from app.errors import ConfigError, Unavailable
+from app.instance import recorded_http_url
+from app.readiness import require_ready
 from app.state import StateDir
 
 
@@ -23,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_sample_video)
 
     p = sub.add_parser("demo", help="send the sample video's frames to the running detector and score them")
-    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--url", default=None, help="base URL of the running app (default: the address `edgebatch up` recorded for this instance)")
     p.add_argument("--video", type=Path, default=None, help="video to send (default: the generated sample)")
     p.add_argument("--frames", type=int, default=150, help="frames to send")
     p.add_argument("--clients", type=int, default=8, help="concurrent requests (so the batcher forms batches)")
@@ -94,10 +96,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     video = args.video or ensure_sample_video(state)
     if not video.exists():
         raise ConfigError(f"video {video} does not exist; make one with `edgebatch sample-video`")
-    try:
-        httpx.get(f"{args.url}/v2/health/ready", timeout=3).raise_for_status()
-    except httpx.HTTPError as exc:
-        raise Unavailable(f"no ready detector at {args.url} ({exc}); start it with `edgebatch up`") from None
+    args.url = (args.url or recorded_http_url(state)).rstrip("/")
+    require_ready(args.url)
     cap = cv2.VideoCapture(str(video))
     frames, jpegs = [], []
     while len(jpegs) < args.frames:

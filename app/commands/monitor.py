@@ -64,9 +64,9 @@ COLUMNS = [("node", "node"), ("hostname", "host"), ("device", "device"), ("name"
 
 def _samples_from_cluster(timeout_s: float) -> tuple[dict[str, NodeSample], str] | None:
     """The supervisor's samples when Ray and the monitor app run here, else None."""
-    from deployments import launcher
+    from deployments import cluster
 
-    if not launcher.ray_running():
+    if not cluster.ray_running():
         return None
     from deployments.collectors import MONITOR_APP, alive_node_ids, monitor_running, wait_for_samples
 
@@ -101,12 +101,11 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
 
 def cmd_prometheus_config(args: argparse.Namespace) -> int:
-    from deployments import launcher
+    from deployments import cluster
 
     if args.scrape_interval <= 0:
         raise BadRequest("--scrape-interval must be > 0 seconds")
-    if not launcher.ray_running():
-        raise Unavailable("no Ray cluster is running here; start one with `edgebatch up` (or set RAY_ADDRESS)")
+    cluster.require_cluster()
     from app.monitoring.promql import prometheus_config
     from deployments.collectors import ray_metrics_targets, ray_service_discovery_file
 

@@ -8,7 +8,6 @@ from typing import Any
 
 from app.errors import BadRequest, EdgebatchError, NotFound, Unavailable
 
-DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ssub.required = True
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--url", default=DEFAULT_URL, help=f"base URL of the running app (default {DEFAULT_URL})")
+        p.add_argument("--url", default=None, help="base URL of the running app (default: the address `edgebatch up` recorded for this instance)")
         p.add_argument("--json", action="store_true", help="print the raw JSON answer")
 
     p = ssub.add_parser("add", help="start a stream from a video file, URL (rtsp://, http://) or camera index")
@@ -57,7 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _base(args: argparse.Namespace) -> str:
-    return args.url.rstrip("/") + "/v1/streams"
+    from app.instance import recorded_http_url
+
+    return (args.url or recorded_http_url()).rstrip("/") + "/v1/streams"
 
 
 def _call(method: str, url: str, **kw: Any) -> Any:
