@@ -25,7 +25,7 @@ from typing import Any, Callable, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.errors import one_line
+from app.errors import BadRequest, NotFound, Unavailable, one_line
 from policies.batch_size import (
     DEFAULT_POLICY,
     POLICIES,
@@ -33,6 +33,7 @@ from policies.batch_size import (
     Decision,
     Observation,
     PolicyConfig,
+    ReasonCode,
     get_policy,
 )
 
@@ -76,30 +77,12 @@ class DetectorClient(Protocol):
     async def set_batch_size(self, n: int) -> dict[str, Any]: ...
 
 
-def reason_code(decision: Decision) -> str:
-    """A low-cardinality label for the decisions counter (the full reason goes to the log)."""
-    r = decision.reason
-    if decision.policy == "operator":
-        return "operator"
-    if "failed" in r:
-        return "load_failed"
-    if "step back" in r:
-        return "no_throughput_gain"
-    if decision.action == "lower":
-        return "slo_missed" if "SLO" in r else "deadline_missed"
-    if decision.action == "raise":
-        return "probe" if "probe" in r else "criterion_met"
-    for needle, code in (("settled", "settled"), ("threshold", "memory_short"), ("largest", "at_largest"),
-                         ("smallest", "at_smallest"), ("cooling", "cooldown"), ("fixed", "fixed"), ("missed", "missed_once")):
-        if needle in r:
-            return code
-    return "hold"
-
-
 def observation_from_stats(stats: dict[str, Any], fps: float, sample: Any | None = None) -> Observation | None:
     """A detector's window reading (plus its node's accelerator sample) as a policy observation.
 
     None when no batch ran in the window: an idle detector says nothing about batch sizes.
+    N of the criterion is the mean size of the batches that formed, and the items each
+    variant served go along, so a policy credits a size only with what its variant ran.
     Memory: the accelerator's when the node has one, else the node's RAM (a CPU engine lives there).
     """
     m = stats["metrics"]
@@ -115,6 +98,8 @@ def observation_from_stats(stats: dict[str, Any], fps: float, sample: Any | None
         else:  # CPU-only node: the engine's memory is the node's RAM
             util = getattr(sample, "cpu_percent", None)
             mem_used, mem_total = getattr(sample, "ram_used_bytes", None), getattr(sample, "ram_total_bytes", None)
+    formed = m.get("mean_batch_size")
+    variant_items = tuple(sorted((int(size), int(items)) for size, items in (m.get("variant_items") or {}).items()))
     return Observation(
         batch_size=int(stats["max_batch_size"]),
         d_batch_s=float(m["d_batch_s"]),
@@ -124,6 +109,8 @@ def observation_from_stats(stats: dict[str, Any], fps: float, sample: Any | None
         mem_used_bytes=None if mem_used is None else int(mem_used),
         mem_total_bytes=None if mem_total is None else int(mem_total),
         timestamp=time.time(),
+        formed_batch_size=float(formed) if formed else None,
+        variant_items=variant_items,
     )
 
 
@@ -131,6 +118,9 @@ DEFAULT_PROMQL = {
     "throughput": 'sum(ray_edgebatch_throughput_items_per_s{{model="{model}"}})',
     "d_batch": 'max(ray_edgebatch_d_batch_mean_seconds{{model="{model}"}})',
     "batch_size": 'max(ray_edgebatch_max_batch_size{{model="{model}"}})',
+    # the batches that formed (the per-batch histogram): N of the criterion
+    "formed_batch_size": ('sum(rate(ray_edgebatch_batch_size_sum{{model="{model}"}}[1m])) / '
+                          'sum(rate(ray_edgebatch_batch_size_count{{model="{model}"}}[1m]))'),
     # the node collectors' series (deployments/collectors.py); absent on a node without them
     "device_util": 'max(ray_edgebatch_device_util_percent{{node="{node}",kind!="cpu"}})',
     "device_mem_used": 'max(ray_edgebatch_device_mem_used_bytes{{node="{node}",kind!="cpu"}})',
@@ -160,6 +150,7 @@ def observation_from_promql(query: Callable[[str], list[Any]], model: str, fps: 
     size = scalar("batch_size")
     if size is not None and int(size) != current:
         return None  # Prometheus has not scraped the size in force yet: a stale window
+    formed = scalar("formed_batch_size")
     util = mem_used = mem_total = None
     if node:
         util, mem_used, mem_total = scalar("device_util"), scalar("device_mem_used"), scalar("device_mem_total")
@@ -170,12 +161,13 @@ def observation_from_promql(query: Callable[[str], list[Any]], model: str, fps: 
         device_util=None if util is None else util / 100.0,
         mem_used_bytes=None if mem_used is None else int(mem_used),
         mem_total_bytes=None if not mem_total else int(mem_total),
+        formed_batch_size=formed if formed and formed > 0 else None,
     )
 
 
 @dataclass
 class DetectorControl:
-    """Everything the controller keeps about one detector (keyed by model name)."""
+    """Everything the controller keeps about one detector (keyed by the model it serves)."""
 
     model: str
     app: str
@@ -192,6 +184,9 @@ class DetectorControl:
     last_observation: dict[str, Any] | None = None
     history: deque = field(default_factory=lambda: deque(maxlen=20))
     operator_set: bool = False  # an operator chose the policy: a config change leaves it alone
+    pin: dict[str, Any] | None = None  # {"batch_size", "at", "by"} while an operator's fixed size holds
+    applies: int = 0  # sizes this controller applied: a reading taken across one is stale
+    applying: bool = False
 
     def policy_config(self) -> PolicyConfig:
         sizes = self.allowed or (1, 2, 4, 8, 16)
@@ -211,6 +206,7 @@ class DetectorControl:
             "stream_fps": self.fps,
             "current_batch_size": self.current,
             "allowed_sizes": list(self.allowed),
+            "pin": self.pin,
             "batch_size": d.get("batch_size", self.current),
             "action": d.get("action"),
             "reason": d.get("reason"),
@@ -239,13 +235,19 @@ def check_policy(policy: str, params: dict[str, Any]) -> None:
 
 
 class ControlLoop:
-    """The controller without Ray: detectors in, decisions applied, everything recorded."""
+    """The controller without Ray: detectors in (by app), decisions applied, everything recorded.
+
+    A detector is known by the model it serves *now*: every reading names it, and when an app's
+    detector switches to another model the old model's control (policy, pin, failures) is
+    dropped and the new model starts afresh, so an operator addresses it by its new name.
+    """
 
     def __init__(self, config: ControllerConfig, *, on_decision: Callable[[DetectorControl, dict], None] | None = None,
                  sampler: Callable[[], dict[str, Any]] | None = None,
                  promql: Callable[[str], list[Any]] | None = None) -> None:
         self.config = config
         self.controls: dict[str, DetectorControl] = {}
+        self.served: dict[str, str] = {}  # app -> the model its detector served at the last reading
         self._on_decision = on_decision
         self._sampler = sampler
         self._promql = promql
@@ -253,7 +255,7 @@ class ControlLoop:
         self.errors: deque = deque(maxlen=20)
         self.samples_note = "not read yet"
 
-    # -- operator API --------------------------------------------------------
+    # -- which control a reading belongs to ------------------------------------
     def control_for(self, model: str, app: str) -> DetectorControl:
         ctl = self.controls.get(model)
         if ctl is None:
@@ -263,6 +265,60 @@ class ControlLoop:
         ctl.app = app
         return ctl
 
+    def _known(self, app: str) -> DetectorControl | None:
+        model = self.served.get(app)
+        return self.controls.get(model) if model is not None else None
+
+    def observe(self, app: str, stats: dict[str, Any]) -> DetectorControl:
+        """Attach a detector's reading to the control of the model it serves now.
+
+        A model change drops the old model's control and starts the new one afresh; a size in
+        force that moved without this controller (a Serve config with a new ``max_batch_size``,
+        a restarted replica) clears an operator's pin: the config wins and the status says so.
+        """
+        model = str(stats.get("model") or app)
+        before = self.served.get(app)
+        self.served[app] = model
+        size = int(stats["max_batch_size"])
+        if before is not None and before != model:
+            if before not in self.served.values():
+                self.controls.pop(before, None)  # no detector serves it any more
+            self.controls.pop(model, None)
+            ctl = self.control_for(model, app)
+            ctl.current, ctl.allowed = size, tuple(sorted(stats["batch_sizes"]))
+            self._record(ctl, Decision(size, "keep", f"app {app} now serves {model} (was {before}): {before}'s policy, "
+                                       f"pin and failures no longer apply; policy {ctl.policy}", "controller", size,
+                                       code=ReasonCode.MODEL_CHANGED))
+            return ctl
+        ctl = self.control_for(model, app)
+        if ctl.pin is not None and not ctl.applying and ctl.current is not None and size != ctl.current:
+            self._clear_pin(ctl, size)
+        ctl.current, ctl.allowed = size, tuple(sorted(stats["batch_sizes"]))
+        return ctl
+
+    def _clear_pin(self, ctl: DetectorControl, size: int) -> None:
+        pinned = ctl.pin["batch_size"] if ctl.pin else None
+        ctl.pin = None
+        ctl.policy, ctl.params, ctl.fps = self.config.policy, dict(self.config.policy_params), self.config.stream_fps
+        ctl.operator_set = False
+        ctl.state, ctl.cursor = ControllerState(current=size), None
+        ctl.window.clear()
+        self._record(ctl, Decision(size, "keep", f"batch size changed to {size} outside the controller (a Serve config "
+                                   f"with a new max_batch_size, or a restarted replica): pin on {pinned} cleared, "
+                                   f"policy {ctl.policy}", "controller", pinned or size, code=ReasonCode.PIN_CLEARED))
+
+    async def find(self, model: str, clients: dict[str, DetectorClient]) -> tuple[DetectorControl, DetectorClient]:
+        """Read every detector once and return the one that serves ``model`` now (NotFound names what is served)."""
+        for app, client in clients.items():
+            known = self._known(app)
+            stats = await client.stats(known.fps if known else self.config.stream_fps, None)
+            ctl = self.observe(app, stats)
+            if ctl.model == model:
+                return ctl, client
+        served = ", ".join(sorted(set(self.served[a] for a in clients if a in self.served))) or "none"
+        raise NotFound(f"no detector serves model '{model}'; detectors serve: {served} (`edgebatch batch status`)")
+
+    # -- operator API --------------------------------------------------------
     def set_policy(self, model: str, policy: str, params: dict[str, Any]) -> DetectorControl:
         check_policy(policy, params)
         ctl = self.controls.get(model)
@@ -272,24 +328,57 @@ class ControlLoop:
         ctl.fps = float(params.get("fps", self.config.stream_fps))
         ctl.state = ControllerState(current=ctl.current)
         ctl.window.clear()
-        self._record(ctl, Decision(ctl.current or 0, "keep", f"policy set to {policy} {params or ''}".rstrip(), "operator",
-                                   ctl.current or 0))
+        if policy == "fixed":
+            ctl.pin = {"batch_size": int(params["size"]), "at": time.time(), "by": "operator (fixed policy)"}
+        else:
+            ctl.pin = None
+        code = ReasonCode.MANUAL if policy == MANUAL else ReasonCode.POLICY_SET
+        what = "manual: the controller observes and never changes the size" if policy == MANUAL else \
+            f"policy set to {policy} {params or ''}".rstrip()
+        self._record(ctl, Decision(ctl.current or 0, "keep", what, "operator", ctl.current or 0, code=code))
+        return ctl
+
+    async def pin(self, model: str, n: int, clients: dict[str, DetectorClient]) -> DetectorControl:
+        """``edgebatch batch set``: apply size ``n`` now and hold it (fixed policy), recorded as a pin.
+
+        A failed load keeps the size in force, is recorded, and raises Unavailable saying so.
+        """
+        ctl, client = await self.find(model, clients)
+        if int(n) not in ctl.allowed:
+            raise BadRequest(f"batch size {n} is not one of {model}'s variant sizes {list(ctl.allowed)}; "
+                             "build that variant (`edgebatch models build`) and add it to batch_sizes")
+        n, before = int(n), ctl.current
+        if n != before:
+            try:
+                await self._set_size(ctl, client, n)
+            except Exception as exc:
+                message = one_line(exc)[:500]
+                ctl.last_failure = {"batch_size": n, "kept_batch_size": before, "error": message, "at": time.time()}
+                self._record(ctl, Decision(before or 0, "keep", f"operator asked for batch {n}: load failed "
+                                           f"({message}); kept {before}", "operator", before or 0,
+                                           code=ReasonCode.LOAD_FAILED))
+                raise Unavailable(f"could not switch {model} to batch {n}: {message}; still serving batch {before}") from None
+        self.set_policy(model, "fixed", {"size": n})
+        ctl.pin = {"batch_size": n, "at": time.time(), "by": "edgebatch batch set"}
+        action = "keep" if n == before else ("raise" if n > (before or 0) else "lower")
+        self._record(ctl, Decision(n, action, f"operator pinned batch size {n} (fixed policy; `edgebatch batch auto` "
+                                   "or `batch manual` releases it)", "operator", before or 0, code=ReasonCode.PINNED))
         return ctl
 
     # -- one reading per detector ----------------------------------------------
-    async def tick(self, clients: dict[str, tuple[str, DetectorClient]]) -> None:
-        """``clients``: model -> (app, client). One window for every detector."""
+    async def tick(self, clients: dict[str, DetectorClient]) -> None:
+        """``clients``: app -> detector client. One window for every detector."""
         self.ticks += 1
-        controls = {model: self.control_for(model, app) for model, (app, _) in clients.items()}
-        if any(ctl.policy != MANUAL for ctl in controls.values()):
+        known = [self._known(app) for app in clients]
+        if any(ctl is None or ctl.policy != MANUAL for ctl in known):
             samples = await self._samples()
         else:  # nothing decides this tick: do not ask every node for a reading
             samples, self.samples_note = {}, "not read: every detector is manual"
-        for model, (app, client) in clients.items():
-            ctl = controls[model]
+        for app, client in clients.items():
             try:
-                await self.step(ctl, client, samples)
+                await self.step(app, client, samples)
             except Exception as exc:  # one detector's trouble must not stop the others
+                model = self.served.get(app, app)
                 self.errors.append({"model": model, "error": f"{type(exc).__name__}: {exc}", "at": time.time()})
                 log.warning("batch controller: %s: %s", model, exc)
 
@@ -305,11 +394,17 @@ class ControlLoop:
         self.samples_note = f"{len(samples)} node(s)"
         return samples
 
-    async def step(self, ctl: DetectorControl, client: DetectorClient, samples: dict[str, Any]) -> Decision | None:
-        stats = await client.stats(ctl.fps, ctl.cursor)
+    async def step(self, app: str, client: DetectorClient, samples: dict[str, Any]) -> Decision | None:
+        known = self._known(app)
+        applies = known.applies if known else 0
+        stats = await client.stats(known.fps if known else self.config.stream_fps, known.cursor if known else None)
+        if known is not None and (known.applying or known.applies != applies):
+            return None  # the size changed while this reading was on its way: it describes neither size
+        ctl = self.observe(app, stats)
+        if ctl is not known:  # first reading, or another model now: its window starts here
+            ctl.cursor = stats["metrics"]["clock"]
+            return None
         ctl.cursor = stats["metrics"]["clock"]
-        ctl.current = int(stats["max_batch_size"])
-        ctl.allowed = tuple(sorted(stats["batch_sizes"]))
         if ctl.policy == MANUAL:
             return None
         if self._promql is not None:
@@ -322,10 +417,12 @@ class ControlLoop:
             obs = Observation(ctl.current, 0.0, ctl.fps, 0.0, timestamp=time.time())  # pin even when idle
         if obs is None:
             return None
-        ctl.last_observation = {"batch_size": obs.batch_size, "d_batch_s": round(obs.d_batch_s, 4),
+        ctl.last_observation = {"batch_size": obs.batch_size, "formed_batch_size": round(obs.filled_size, 2),
+                                "d_batch_s": round(obs.d_batch_s, 4),
                                 "throughput": round(obs.throughput, 2), "fps": obs.fps,
                                 "criterion_s": round(obs.budget.criterion_s, 4),
                                 "margin_s": round(obs.budget.margin_s(obs.d_batch_s), 4),
+                                "variant_items": dict(obs.variant_items),
                                 "mem_fraction": obs.mem_fraction, "device_util": obs.device_util}
         ctl.window.append(obs)
         policy = get_policy(ctl.policy)
@@ -336,10 +433,24 @@ class ControlLoop:
             await self._apply(ctl, client, decision, policy, config)
         return decision
 
+    async def _set_size(self, ctl: DetectorControl, client: DetectorClient, n: int) -> None:
+        """Move the detector to ``n``; readings taken meanwhile are discarded."""
+        ctl.applying = True
+        try:
+            await asyncio.wait_for(client.set_batch_size(n), self.config.apply_timeout_s)
+        finally:
+            ctl.applying = False
+            ctl.applies += 1
+        ctl.current = n
+        ctl.cursor = None  # the detector cuts its window at the change itself
+        ctl.window.clear()
+        if ctl.last_failure and ctl.last_failure.get("batch_size") == n:
+            ctl.last_failure = None  # that size loads now
+
     async def _apply(self, ctl: DetectorControl, client: DetectorClient, decision: Decision, policy, config) -> None:
         target, before = decision.batch_size, ctl.current
         try:
-            await asyncio.wait_for(client.set_batch_size(target), self.config.apply_timeout_s)
+            await self._set_size(ctl, client, target)
         except Exception as exc:
             message = one_line(exc)[:500]
             ctl.last_failure = {"batch_size": target, "kept_batch_size": before, "error": message, "at": time.time()}
@@ -347,13 +458,10 @@ class ControlLoop:
             # tell the policy: a failed observation at the size it asked for (lowers, and settles below it)
             failed = Observation(target, 0.0, ctl.fps, 0.0, failed=True, timestamp=time.time())
             back, ctl.state = policy([failed], replace(ctl.state, current=target), config)
-            self._record(ctl, replace(back, batch_size=before, reason=f"{back.reason} ({message}); kept {before}"))
+            self._record(ctl, replace(back, batch_size=before, reason=f"{back.reason} ({message}); kept {before}",
+                                      code=ReasonCode.LOAD_FAILED))
             ctl.state = replace(ctl.state, current=before)
             ctl.window.clear()
-            return
-        ctl.current = target
-        ctl.cursor = None  # the detector cuts its window at the change itself
-        ctl.window.clear()
 
     def _record(self, ctl: DetectorControl, decision: Decision) -> None:
         entry = {
@@ -361,13 +469,13 @@ class ControlLoop:
             "from": decision.from_size,
             "action": decision.action,
             "reason": decision.reason,
-            "reason_code": reason_code(decision),
+            "reason_code": str(decision.code),
             "policy": decision.policy,
             "at": time.time(),
         }
         ctl.last_decision = entry
         ctl.history.append(entry)
-        if decision.action != "keep" or decision.policy == "operator":
+        if decision.action != "keep" or decision.policy in ("operator", "controller"):
             log.info("batch controller: %s %s %s -> %s: %s", ctl.model, decision.action, decision.from_size,
                      decision.batch_size, decision.reason)
         else:
@@ -425,7 +533,6 @@ class BatchController:
         self._loop = ControlLoop(self._config, on_decision=self._export, sampler=_node_samples)
         self._task: asyncio.Task | None = None
         self._handles: dict[tuple[str, str], Any] = {}
-        self._models: dict[tuple[str, str], str] = {}
         self._gauge = self._counter = None
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -449,8 +556,9 @@ class BatchController:
                 ctl.policy, ctl.params, ctl.fps = config.policy, dict(config.policy_params), config.stream_fps
                 ctl.state, ctl.window = ControllerState(current=ctl.current), deque(maxlen=config.window)
         self._config = config
+        served = self._loop.served
         self._loop = ControlLoop(config, on_decision=self._export, sampler=_node_samples, promql=promql)
-        self._loop.controls = controls  # keep what operators set across a config change
+        self._loop.controls, self._loop.served = controls, served  # keep what operators set across a config change
         self._ensure_running()
 
     def _ensure_running(self) -> None:
@@ -477,21 +585,18 @@ class BatchController:
         return [(app_name, "Detector") for app_name, app in status.applications.items()
                 if "Detector" in app.deployments and str(getattr(app.status, "value", app.status)) == "RUNNING"]
 
-    async def _clients(self) -> dict[str, tuple[str, _HandleClient]]:
+    async def _clients(self) -> dict[str, _HandleClient]:
+        """Detector clients by app (``app/deployment`` for a deployment not called Detector); the model each
+        serves is read from every reading, never cached, so a detector switched to another model is followed."""
         loop = asyncio.get_running_loop()
         targets = await loop.run_in_executor(None, self._targets)
-        clients: dict[str, tuple[str, _HandleClient]] = {}
+        clients: dict[str, _HandleClient] = {}
         for app, deployment in targets:
             handle = self._handles.get((app, deployment))
             if handle is None:
                 handle = serve.get_deployment_handle(deployment, app_name=app)
                 self._handles[(app, deployment)] = handle
-            model = self._models.get((app, deployment))
-            if model is None:
-                info = await handle.info.remote()
-                model = info.get("model") or app
-                self._models[(app, deployment)] = model
-            clients[model] = (app, _HandleClient(handle))
+            clients[app if deployment == "Detector" else f"{app}/{deployment}"] = _HandleClient(handle)
         return clients
 
     def _export(self, ctl: DetectorControl, entry: dict[str, Any]) -> None:
@@ -505,62 +610,34 @@ class BatchController:
         self._gauge.set(entry["batch_size"], tags={"model": ctl.model})
         self._counter.inc(tags={"model": ctl.model, "reason": entry["reason_code"], "action": entry["action"]})
 
-    # -- operator API (handle calls; errors come back as {"error": ...}, never as a traceback) --
-    async def _control(self, model: str) -> tuple[DetectorControl | None, _HandleClient | None, str | None]:
-        clients = await self._clients()
-        if model not in clients:
-            known = ", ".join(sorted(clients)) or "none"
-            return None, None, f"no detector serves model '{model}'; detectors: {known}"
-        app, client = clients[model]
-        ctl = self._loop.control_for(model, app)
-        stats = await client.stats(ctl.fps, ctl.cursor)
-        ctl.current, ctl.allowed = int(stats["max_batch_size"]), tuple(sorted(stats["batch_sizes"]))
-        return ctl, client, None
-
+    # -- operator API (handle calls; errors are app.errors exceptions the caller gets with their message) --
     async def set_policy(self, model: str, policy: str = DEFAULT_POLICY, **params: Any) -> dict[str, Any]:
-        ctl, _, error = await self._control(model)
-        if error:
-            return {"error": error}
+        """`edgebatch batch auto` (and `batch manual`: policy ``manual``)."""
+        ctl, _ = await self._loop.find(model, await self._clients())
         try:
-            self._loop.set_policy(model, policy, params)
+            self._loop.set_policy(ctl.model, policy, params)
         except ValueError as exc:
-            return {"error": str(exc)}
+            raise BadRequest(str(exc)) from None
         return ctl.status()
 
+    async def set_manual(self, model: str) -> dict[str, Any]:
+        """`edgebatch batch manual`: stop deciding for ``model`` and drop its pin; the size stays as it is."""
+        return await self.set_policy(model, MANUAL)
+
     async def set_fixed(self, model: str, n: int) -> dict[str, Any]:
-        """Pin a size (the fixed policy) and apply it now; a failed load keeps the current size and says so."""
-        ctl, client, error = await self._control(model)
-        if error:
-            return {"error": error}
-        if int(n) not in ctl.allowed:
-            return {"error": f"batch size {n} is not one of {model}'s variant sizes {list(ctl.allowed)}; "
-                             "build that variant (`edgebatch models build`) and add it to batch_sizes"}
-        n, before = int(n), ctl.current
-        if n != before:
-            try:
-                await asyncio.wait_for(client.set_batch_size(n), self._config.apply_timeout_s)
-            except Exception as exc:
-                message = one_line(exc)[:500]
-                ctl.last_failure = {"batch_size": n, "kept_batch_size": before, "error": message, "at": time.time()}
-                self._loop._record(ctl, Decision(before or 0, "keep", f"operator asked for batch {n}: load failed "
-                                                 f"({message}); kept {before}", "operator", before or 0))
-                return {"error": f"could not switch {model} to batch {n}: {message}; still serving batch {before}",
-                        **ctl.status()}
-            ctl.current, ctl.cursor = n, None
-        self._loop.set_policy(model, "fixed", {"size": n})
-        action = "keep" if n == before else ("raise" if n > (before or 0) else "lower")
-        self._loop._record(ctl, Decision(n, action, f"operator set batch size {n} (fixed policy)", "operator", before or 0))
+        """`edgebatch batch set`: pin a size (the fixed policy) and apply it now."""
+        ctl = await self._loop.pin(model, n, await self._clients())
         return ctl.status()
 
     async def status(self) -> dict[str, Any]:
         if not self._loop.controls:
             try:
-                for model, (app, _) in (await self._clients()).items():
-                    self._loop.control_for(model, app)
+                clients = await self._clients()
+                for app, client in clients.items():
+                    self._loop.observe(app, await client.stats(self._config.stream_fps, None))
             except Exception as exc:  # status must answer even while discovery fails
                 return {**self._loop.status(), "error": str(exc)}
         return self._loop.status()
-
 
     async def __call__(self, request: Any) -> dict[str, Any]:
         """GET /v1/batch: the same status as JSON (read-only; changes go through `edgebatch batch`)."""

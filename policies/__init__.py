@@ -12,6 +12,7 @@ from policies.batch_size import (
     Observation,
     PolicyConfig,
     RealTimeBudget,
+    ReasonCode,
     get_policy,
     replay,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "PlacementPlan",
     "PolicyConfig",
     "RealTimeBudget",
+    "ReasonCode",
     "Request",
     "Run",
     "StageSpec",

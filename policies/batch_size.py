@@ -24,18 +24,60 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from types import MappingProxyType
 from typing import Literal
 
 Action = Literal["raise", "lower", "keep"]
 
 
+class ReasonCode(StrEnum):
+    """Why a decision was made, in one low-cardinality word (metrics labels, tests, scripts).
+
+    Set where the decision is made (a policy, or the controller for an operator's act); the
+    decision's ``reason`` keeps the sentence with the numbers for people.
+    """
+
+    CRITERION_MET = "criterion_met"  # every batch met N/F for raise_after windows: raise
+    PROBE = "probe"  # throughput_aware: try the next size and measure it
+    REPROBE = "reprobe"  # a settled controller tries again (drift or back-off due)
+    DEADLINE_MISSED = "deadline_missed"  # d_batch >= N/F: lower
+    SLO_MISSED = "slo_missed"  # worst frame latency over max_latency_s: lower
+    LOAD_FAILED = "load_failed"  # the variant did not load or run: lower or keep the size in force
+    NO_THROUGHPUT_GAIN = "no_throughput_gain"  # the probe gave less than min_gain: step back
+    VARIANT_NOT_RUN = "variant_not_run"  # the probed size's variant served too few items to measure a gain
+    SETTLED = "settled"
+    MEMORY_SHORT = "memory_short"
+    AT_LARGEST = "at_largest"
+    AT_SMALLEST = "at_smallest"
+    COOLDOWN = "cooldown"
+    MISSED_ONCE = "missed_once"  # missed, fewer than lower_after windows in a row
+    MET_STREAK = "met_streak"  # met, fewer than raise_after windows in a row
+    PROBING = "probing"  # measuring a probe
+    HOLD = "hold"  # aimd: the target moves, the size does not (yet)
+    FIXED = "fixed"  # at the fixed size
+    PIN_APPLIED = "pin_applied"  # the fixed policy moved the size to its pin
+    NO_OBSERVATIONS = "no_observations"
+    # set by the controller for what an operator (or the cluster) did, not by a policy
+    PINNED = "pinned"  # `edgebatch batch set`
+    POLICY_SET = "policy_set"  # `edgebatch batch auto`
+    MANUAL = "manual"  # `edgebatch batch manual`: observe only
+    PIN_CLEARED = "pin_cleared"  # the size changed outside the controller (Serve config): the pin yields
+    MODEL_CHANGED = "model_changed"  # the detector now serves another model: its state starts afresh
+
+
 @dataclass(frozen=True)
 class Observation:
     """One measurement of the pipeline at the batch size in force.
 
-    ``d_batch_s`` is the whole time a batch spends in the pipeline (pre-processing,
-    inference, post-processing); ``fps`` is the stream rate F that fills batches.
+    ``batch_size`` is the size in force (the batcher's maximum, what a policy decides);
+    ``formed_batch_size`` the mean number of items in the batches that actually formed
+    (the N of the real-time criterion; None when the source does not report it, then the
+    size in force stands in). ``d_batch_s`` is the whole time a batch spends in the
+    pipeline (pre-processing, inference, post-processing); ``fps`` is the stream rate F
+    that fills batches. ``variant_items`` counts the items each variant (by its batch
+    size) served in the window: a throughput is a measurement of the size in force only
+    when that size's variant ran them (empty: not reported).
     """
 
     batch_size: int
@@ -47,6 +89,8 @@ class Observation:
     mem_total_bytes: int | None = None
     failed: bool = False
     timestamp: float = 0.0
+    formed_batch_size: float | None = None
+    variant_items: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -55,6 +99,20 @@ class Observation:
             raise ValueError(f"fps must be > 0, got {self.fps}")
         if self.d_batch_s < 0 or self.throughput < 0:
             raise ValueError("d_batch_s and throughput must be >= 0")
+        if self.formed_batch_size is not None and not self.formed_batch_size > 0:
+            raise ValueError(f"formed_batch_size must be > 0, got {self.formed_batch_size}")
+
+    @property
+    def filled_size(self) -> float:
+        """N of the criterion: the batches that formed, else the size in force."""
+        return self.formed_batch_size if self.formed_batch_size is not None else float(self.batch_size)
+
+    @property
+    def items_on_own_variant(self) -> tuple[int, int] | None:
+        """(items the size in force's variant served, all items), or None when not reported."""
+        if not self.variant_items:
+            return None
+        return dict(self.variant_items).get(self.batch_size, 0), sum(n for _, n in self.variant_items)
 
     @property
     def mem_fraction(self) -> float | None:
@@ -65,7 +123,7 @@ class Observation:
 
     @property
     def budget(self) -> RealTimeBudget:
-        return RealTimeBudget(self.batch_size, self.fps)
+        return RealTimeBudget(self.filled_size, self.fps)
 
 
 @dataclass(frozen=True)
@@ -73,14 +131,15 @@ class RealTimeBudget:
     """The real-time criterion of a batch: N frames arrive in N / F seconds.
 
     A batch that takes longer than that to go through the pipeline makes the queue
-    grow without bound, so ``d_batch < N / F`` is the condition for keeping up.
+    grow without bound, so ``d_batch < N / F`` is the condition for keeping up. N is the
+    size of the batches that form (a mean over a window, so not always a whole number).
     """
 
-    batch_size: int
+    batch_size: float
     fps: float
 
     @staticmethod
-    def criterion(batch_size: int, fps: float) -> float:
+    def criterion(batch_size: float, fps: float) -> float:
         """N / F in seconds."""
         return batch_size / fps
 
@@ -116,6 +175,7 @@ class PolicyConfig:
     start_size: int | None = None
     drift_tolerance: float = 0.2
     reprobe_after_windows: int | None = None
+    min_variant_share: float = 0.5  # a size's throughput counts only when its variant served this share
 
     def __post_init__(self) -> None:
         sizes = self.allowed_sizes
@@ -137,6 +197,8 @@ class PolicyConfig:
             raise ValueError(f"drift_tolerance must be > 0, got {self.drift_tolerance}")
         if self.reprobe_after_windows is not None and self.reprobe_after_windows < 1:
             raise ValueError("reprobe_after_windows must be >= 1 or None")
+        if not 0 < self.min_variant_share <= 1:
+            raise ValueError(f"min_variant_share must be in (0, 1], got {self.min_variant_share}")
 
     @property
     def initial_size(self) -> int:
@@ -197,13 +259,14 @@ class ControllerState:
 
 @dataclass(frozen=True)
 class Decision:
-    """The batch size for the next window, and why, in words with the numbers."""
+    """The batch size for the next window, and why: ``code`` for machines, ``reason`` in words with the numbers."""
 
     batch_size: int
     action: Action
     reason: str
     policy: str
     from_size: int = field(default=0)
+    code: ReasonCode = field(kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -218,10 +281,16 @@ class WindowSummary:
     mem_fraction: float | None
     failed: bool
     count: int
+    formed_batch_size: float
+    own_variant_share: float | None  # share of the items the size in force's variant served; None: not reported
 
     @property
     def budget(self) -> RealTimeBudget:
-        return RealTimeBudget(self.batch_size, self.fps)
+        return RealTimeBudget(self.formed_batch_size, self.fps)
+
+    def measures_own_size(self, config: PolicyConfig) -> bool:
+        """The window's throughput is a figure of the size in force (its variant ran the items)."""
+        return self.own_variant_share is None or self.own_variant_share >= config.min_variant_share
 
     @property
     def missed(self) -> bool:
@@ -242,6 +311,8 @@ def summarize(window: Sequence[Observation]) -> WindowSummary:
     at_n = [o for o in window if o.batch_size == n]
     ok = [o for o in at_n if not o.failed]
     mems = [m for m in (o.mem_fraction for o in at_n) if m is not None]
+    shares = [s for s in (o.items_on_own_variant for o in ok) if s is not None]
+    total = sum(t for _, t in shares)
     return WindowSummary(
         batch_size=n,
         fps=window[-1].fps,
@@ -251,6 +322,8 @@ def summarize(window: Sequence[Observation]) -> WindowSummary:
         mem_fraction=max(mems) if mems else None,
         failed=any(o.failed for o in at_n),
         count=len(at_n),
+        formed_batch_size=math.fsum(o.filled_size for o in ok) / len(ok) if ok else float(n),
+        own_variant_share=(sum(own for own, _ in shares) / total if total else 0.0) if shares else None,
     )
 
 
@@ -261,9 +334,10 @@ def _describe(w: WindowSummary) -> str:
     b = w.budget
     rel = "<" if b.is_met(w.d_batch_s) else ">="
     mem = "memory n/a" if w.mem_fraction is None else f"memory {w.mem_fraction:.0%}"
+    formed = f"{w.formed_batch_size:.3g}" + ("" if w.formed_batch_size == w.batch_size else f" formed of max {w.batch_size}")
     return (
         f"d_batch {w.d_batch_s:.3f} s {rel} N/F {b.criterion_s:.3f} s "
-        f"(N={w.batch_size}, F={w.fps:g} fps, margin {b.margin_s(w.d_batch_s):+.3f} s), "
+        f"(N={formed}, F={w.fps:g} fps, margin {b.margin_s(w.d_batch_s):+.3f} s), "
         f"{w.throughput:.1f} items/s, {mem}"
     )
 
@@ -296,10 +370,11 @@ def _tick(state: ControllerState, w: WindowSummary, config: PolicyConfig) -> Con
 
 
 def _change(
-    name: str, state: ControllerState, w: WindowSummary, new: int, reason: str, config: PolicyConfig
+    name: str, state: ControllerState, w: WindowSummary, new: int, reason: str, config: PolicyConfig,
+    code: ReasonCode,
 ) -> tuple[Decision, ControllerState]:
     if new == w.batch_size:
-        return Decision(new, "keep", reason, name, w.batch_size), replace(state, last_action="keep")
+        return Decision(new, "keep", reason, name, w.batch_size, code=code), replace(state, last_action="keep")
     action: Action = "raise" if new > w.batch_size else "lower"
     nxt = replace(
         state,
@@ -309,16 +384,18 @@ def _change(
         cooldown=config.cooldown_windows,
         last_action=action,
     )
-    return Decision(new, action, reason, name, w.batch_size), nxt
+    return Decision(new, action, reason, name, w.batch_size, code=code), nxt
 
 
-def _keep(name: str, state: ControllerState, w: WindowSummary, reason: str) -> tuple[Decision, ControllerState]:
-    return Decision(w.batch_size, "keep", reason, name, w.batch_size), replace(state, last_action="keep")
+def _keep(
+    name: str, state: ControllerState, w: WindowSummary, reason: str, code: ReasonCode
+) -> tuple[Decision, ControllerState]:
+    return Decision(w.batch_size, "keep", reason, name, w.batch_size, code=code), replace(state, last_action="keep")
 
 
 def _empty(name: str, state: ControllerState, config: PolicyConfig) -> tuple[Decision, ControllerState]:
     size = state.current if state.current is not None else config.initial_size
-    return Decision(size, "keep", "no observations in this window", name, size), state
+    return Decision(size, "keep", "no observations in this window", name, size, code=ReasonCode.NO_OBSERVATIONS), state
 
 
 def _failure_or_miss(
@@ -329,17 +406,22 @@ def _failure_or_miss(
     slo = _slo_missed(w, config)
     if w.failed:
         down = config.size_below(n)
-        why = f"load or run failed at batch {n} (out of memory?)"
+        why, code = f"load or run failed at batch {n} (out of memory?)", ReasonCode.LOAD_FAILED
     elif w.missed or slo:
         if state.lower_streak < config.lower_after:
-            return _keep(name, state, w, f"{_describe(w)}: missed {state.lower_streak} of {config.lower_after} windows")
+            return _keep(name, state, w, f"{_describe(w)}: missed {state.lower_streak} of {config.lower_after} windows",
+                         ReasonCode.MISSED_ONCE)
         down = config.size_below(n)
-        why = slo if slo and not w.missed else _describe(w)
+        if slo and not w.missed:
+            why, code = slo, ReasonCode.SLO_MISSED
+        else:
+            why, code = _describe(w), ReasonCode.DEADLINE_MISSED
     else:
         return None
     if down == n:
-        return _keep(name, state, w, f"{why}: already at the smallest allowed size {n}")
-    return _change(name, state, w, down, f"{why}: lower to {down}", config)
+        return _keep(name, state, w, f"{why}: already at the smallest allowed size {n}",
+                     ReasonCode.LOAD_FAILED if w.failed else ReasonCode.AT_SMALLEST)
+    return _change(name, state, w, down, f"{why}: lower to {down}", config, code)
 
 
 def algorithm1(
@@ -357,14 +439,16 @@ def algorithm1(
     n = w.batch_size
     up = config.size_above(n)
     if _memory_short(w, config):
-        return _keep(name, state, w, f"{_describe(w)} >= threshold {config.mem_threshold:.0%}: keep {n}")
+        return _keep(name, state, w, f"{_describe(w)} >= threshold {config.mem_threshold:.0%}: keep {n}",
+                     ReasonCode.MEMORY_SHORT)
     if up is None:
-        return _keep(name, state, w, f"{_describe(w)}: at the largest allowed size {n}")
+        return _keep(name, state, w, f"{_describe(w)}: at the largest allowed size {n}", ReasonCode.AT_LARGEST)
     if state.cooldown > 0:
-        return _keep(name, state, w, f"{_describe(w)}: cooling down {state.cooldown} more window(s)")
+        return _keep(name, state, w, f"{_describe(w)}: cooling down {state.cooldown} more window(s)", ReasonCode.COOLDOWN)
     if state.raise_streak < config.raise_after:
-        return _keep(name, state, w, f"{_describe(w)}: met {state.raise_streak} of {config.raise_after} windows")
-    return _change(name, state, w, up, f"{_describe(w)}: raise to {up}", config)
+        return _keep(name, state, w, f"{_describe(w)}: met {state.raise_streak} of {config.raise_after} windows",
+                     ReasonCode.MET_STREAK)
+    return _change(name, state, w, up, f"{_describe(w)}: raise to {up}", config, ReasonCode.CRITERION_MET)
 
 
 def aimd(
@@ -386,24 +470,39 @@ def aimd(
     if w.failed or w.missed or slo:
         if not w.failed and state.lower_streak < config.lower_after:
             state = replace(state, aimd_target=target)
-            return _keep(name, state, w, f"{_describe(w)}: missed {state.lower_streak} of {config.lower_after} windows")
+            return _keep(name, state, w, f"{_describe(w)}: missed {state.lower_streak} of {config.lower_after} windows",
+                         ReasonCode.MISSED_ONCE)
         target = max(float(lo), min(target, float(n)) * config.aimd_factor)
         new = min(config.snap_down(target), config.size_below(n))
-        why = "load or run failed" if w.failed else (slo if slo and not w.missed else _describe(w))
+        if w.failed:
+            why, code = "load or run failed", ReasonCode.LOAD_FAILED
+        elif slo and not w.missed:
+            why, code = slo, ReasonCode.SLO_MISSED
+        else:
+            why, code = _describe(w), ReasonCode.DEADLINE_MISSED
         state = replace(state, aimd_target=target)
         if new == n:
-            return _keep(name, state, w, f"{why}: already at the smallest allowed size {n}")
-        return _change(name, state, w, new, f"{why}: target x{config.aimd_factor:g} = {target:.2f}, lower to {new}", config)
+            return _keep(name, state, w, f"{why}: already at the smallest allowed size {n}",
+                         ReasonCode.LOAD_FAILED if w.failed else ReasonCode.AT_SMALLEST)
+        return _change(name, state, w, new, f"{why}: target x{config.aimd_factor:g} = {target:.2f}, lower to {new}",
+                       config, code)
     if _memory_short(w, config) or state.cooldown > 0 or not w.all_met:
-        why = "memory short" if _memory_short(w, config) else ("cooling down" if state.cooldown else "a batch missed")
+        if _memory_short(w, config):
+            why, code = "memory short", ReasonCode.MEMORY_SHORT
+        elif state.cooldown:
+            why, code = "cooling down", ReasonCode.COOLDOWN
+        else:
+            why, code = "a batch missed", ReasonCode.MISSED_ONCE
         state = replace(state, aimd_target=target)
-        return _keep(name, state, w, f"{_describe(w)}: {why}, hold target {target:.2f}")
+        return _keep(name, state, w, f"{_describe(w)}: {why}, hold target {target:.2f}", code)
     target = min(float(hi), target + config.aimd_step)
     new = max(config.snap_down(target), n) if n in config.allowed_sizes else config.snap_down(target)
     state = replace(state, aimd_target=target)
     if new == n:
-        return _keep(name, state, w, f"{_describe(w)}: target +{config.aimd_step:g} = {target:.2f}, keep {n}")
-    return _change(name, state, w, new, f"{_describe(w)}: target +{config.aimd_step:g} = {target:.2f}, raise to {new}", config)
+        return _keep(name, state, w, f"{_describe(w)}: target +{config.aimd_step:g} = {target:.2f}, keep {n}",
+                     ReasonCode.AT_LARGEST if n == hi else ReasonCode.HOLD)
+    return _change(name, state, w, new, f"{_describe(w)}: target +{config.aimd_step:g} = {target:.2f}, raise to {new}",
+                   config, ReasonCode.CRITERION_MET)
 
 
 def fixed(
@@ -413,10 +512,13 @@ def fixed(
     name = "fixed"
     size = config.initial_size
     if not window:
-        return Decision(size, "keep", f"fixed at {size}", name, size), replace(state, current=size)
+        return Decision(size, "keep", f"fixed at {size}", name, size, code=ReasonCode.FIXED), replace(state, current=size)
     w = summarize(window)
     state = _tick(state, w, config)
-    return _change(name, state, w, size, f"fixed at {size} ({_describe(w)})", config)
+    if size == w.batch_size:
+        return _keep(name, state, w, f"fixed at {size} ({_describe(w)})", ReasonCode.FIXED)
+    return _change(name, state, w, size, f"fixed at {size}: the size in force was {w.batch_size}; back to {size} "
+                   f"({_describe(w)})", config, ReasonCode.PIN_APPLIED)
 
 
 def _drifted(state: ControllerState, w: WindowSummary, config: PolicyConfig) -> str | None:
@@ -457,8 +559,8 @@ def throughput_aware(
     state = _tick(state, w, config)
     if state.probe_from is not None and state.probe_from >= n:
         state = replace(state, probe_from=None)  # the size was changed from outside
-    if not w.failed:
-        state = state.with_throughput(n, w.throughput)
+    if not w.failed and w.measures_own_size(config):
+        state = state.with_throughput(n, w.throughput)  # only what this size's variant ran counts as its figure
 
     safety = _failure_or_miss(name, state, w, config)
     if safety is not None:
@@ -470,10 +572,20 @@ def throughput_aware(
     # A probe: after raise_after windows at the larger size, keep it only if it paid.
     if state.probe_from is not None:
         if state.raise_streak < config.raise_after:
-            return _keep(name, state, w, f"{_describe(w)}: probing {n}, window {state.raise_streak} of {config.raise_after}")
+            return _keep(name, state, w, f"{_describe(w)}: probing {n}, window {state.raise_streak} of {config.raise_after}",
+                         ReasonCode.PROBING)
         small = state.probe_from
-        t_small = state.throughput_at(small) or 0.0
-        t_big = state.throughput_at(n) or 0.0
+        t_big = state.throughput_at(n)
+        if t_big is None:  # the larger variant hardly ran: there is no gain of it to keep
+            share = w.own_variant_share or 0.0
+            verdict = (
+                f"batch {n}'s variant served {share:.0%} of the items (batches of {w.formed_batch_size:.2g} formed, "
+                f"need {config.min_variant_share:.0%} on it to measure a gain)"
+            )
+            state = _settle(state, n, verdict, config)
+            return _change(name, state, w, small, f"{verdict}: step back to {small}", config, ReasonCode.VARIANT_NOT_RUN)
+        below = [t for s, t in state.throughput if s < n]
+        t_small = state.throughput_at(small) or max(below, default=0.0)
         gain = t_big / t_small - 1 if t_small > 0 else math.inf
         verdict = (
             f"batch {n} gave {t_big:.1f} items/s vs {t_small:.1f} at {small} "
@@ -481,16 +593,17 @@ def throughput_aware(
         )
         if gain < config.min_gain:
             state = _settle(state, n, verdict, config)
-            return _change(name, state, w, small, f"{verdict}: step back to {small}", config)
+            return _change(name, state, w, small, f"{verdict}: step back to {small}", config, ReasonCode.NO_THROUGHPUT_GAIN)
         state = replace(
             state, probe_from=None, ceiling=None, ceiling_reason="", reprobe_interval=config.reprobe_after_windows
         )
 
     up = config.size_above(n)
     if _memory_short(w, config):
-        return _keep(name, state, w, f"{_describe(w)} >= threshold {config.mem_threshold:.0%}: keep {n}")
+        return _keep(name, state, w, f"{_describe(w)} >= threshold {config.mem_threshold:.0%}: keep {n}",
+                     ReasonCode.MEMORY_SHORT)
     if up is None:
-        return _keep(name, state, w, f"{_describe(w)}: at the largest allowed size {n}")
+        return _keep(name, state, w, f"{_describe(w)}: at the largest allowed size {n}", ReasonCode.AT_LARGEST)
 
     if state.ceiling is not None and up >= state.ceiling:
         if state.reference_throughput is None:
@@ -498,7 +611,7 @@ def throughput_aware(
         drift = _drifted(state, w, config)
         due = state.next_reprobe_at is not None and state.windows >= state.next_reprobe_at
         if not drift and not due:
-            return _keep(name, state, w, f"settled at {n}: {state.ceiling_reason}")
+            return _keep(name, state, w, f"settled at {n}: {state.ceiling_reason}", ReasonCode.SETTLED)
         if drift:
             # Conditions changed: the old figures no longer describe this device.
             state = replace(state, throughput=((n, w.throughput),), reprobe_interval=config.reprobe_after_windows)
@@ -511,11 +624,14 @@ def throughput_aware(
         state = replace(state, ceiling=None, ceiling_reason=why, reference_throughput=None, reference_fps=None)
 
     if state.cooldown > 0:
-        return _keep(name, state, w, f"{_describe(w)}: cooling down {state.cooldown} more window(s)")
+        return _keep(name, state, w, f"{_describe(w)}: cooling down {state.cooldown} more window(s)", ReasonCode.COOLDOWN)
     if state.raise_streak < config.raise_after:
-        return _keep(name, state, w, f"{_describe(w)}: met {state.raise_streak} of {config.raise_after} windows")
-    prefix = f"{state.ceiling_reason}; " if state.ceiling_reason.startswith("re-probe") else ""
-    decision, nxt = _change(name, state, w, up, f"{prefix}{_describe(w)}: probe {up}", config)
+        return _keep(name, state, w, f"{_describe(w)}: met {state.raise_streak} of {config.raise_after} windows",
+                     ReasonCode.MET_STREAK)
+    reprobe = state.ceiling_reason.startswith("re-probe")
+    prefix = f"{state.ceiling_reason}; " if reprobe else ""
+    decision, nxt = _change(name, state, w, up, f"{prefix}{_describe(w)}: probe {up}", config,
+                            ReasonCode.REPROBE if reprobe else ReasonCode.PROBE)
     return decision, replace(nxt, probe_from=n, ceiling_reason="")
 
 

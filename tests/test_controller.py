@@ -24,9 +24,8 @@ from deployments.controller import (
     ControllerConfig,
     observation_from_promql,
     observation_from_stats,
-    reason_code,
 )
-from policies.batch_size import Decision
+from policies.batch_size import ReasonCode, algorithm1
 from tests.conftest import stop_process, wait_for
 
 # ----------------------------------------------------------------------------- VariantPool, no Ray
@@ -157,7 +156,7 @@ class FakeDetector:
 def _run(loop: ControlLoop, det: FakeDetector, ticks: int) -> None:
     async def go():
         for _ in range(ticks):
-            await loop.tick({"m": ("app", det)})
+            await loop.tick({"app": det})
 
     asyncio.run(go())
 
@@ -219,7 +218,150 @@ def test_decisions_are_exported_with_a_reason_code():
     loop = ControlLoop(ControllerConfig(policy="aimd"), on_decision=lambda ctl, e: seen.append((e["action"], e["reason_code"])))
     _run(loop, FakeDetector(size=1), 6)
     assert seen and any(a == "raise" for a, _ in seen)
-    assert reason_code(Decision(2, "lower", "load or run failed at batch 4 (out of memory?): lower to 2", "aimd", 4)) == "load_failed"
+    assert all(code in set(ReasonCode) for _, code in seen)
+
+
+@dataclass
+class SwitchableDetector(FakeDetector):
+    """A fake detector that can be switched to another model, and reports the batches that formed."""
+
+    model: str = "m"
+    formed: float | None = None  # mean items per formed batch
+    one_variant: bool = False  # every batch ran on the batch-1 variant (small batches on a CPU)
+
+    async def stats(self, stream_fps, since):
+        out = await super().stats(stream_fps, since)
+        out["model"] = self.model
+        if self.formed is not None:
+            out["metrics"]["mean_batch_size"] = min(self.formed, self.size)
+        if self.one_variant:
+            out["metrics"]["variant_items"] = {1: 500}
+        return out
+
+
+def _call(coro):
+    return asyncio.run(coro)
+
+
+def test_the_controller_follows_the_model_a_detector_serves_now():
+    from app.errors import NotFound
+
+    loop = ControlLoop(ControllerConfig(policy="manual"))
+    det = SwitchableDetector(size=2, fail_sizes=(16,))
+    _run(loop, det, 2)
+    with pytest.raises(Exception, match="still serving batch 2"):
+        _call(loop.pin("m", 16, {"app": det}))
+    _call(loop.pin("m", 8, {"app": det}))
+    assert det.size == 8 and loop.status()["detectors"]["m"]["last_failure"]["batch_size"] == 16
+    det.model = "new"  # the Detector's user_config now names another model
+    _run(loop, det, 1)
+    status = loop.status()["detectors"]
+    assert list(status) == ["new"]  # the old model's pin and failure are gone with it
+    assert status["new"]["last_failure"] is None and status["new"]["pin"] is None
+    assert status["new"]["reason_code"] == "model_changed" and "was m" in status["new"]["reason"]
+    with pytest.raises(NotFound, match="no detector serves model 'm'; detectors serve: new"):
+        _call(loop.pin("m", 4, {"app": det}))
+    assert det.size == 8  # the other model was not resized
+    _call(loop.pin("new", 4, {"app": det}))
+    assert det.size == 4 and loop.status()["detectors"]["new"]["pin"]["batch_size"] == 4
+
+
+def test_a_model_switch_between_readings_is_followed_by_the_operator_api_at_once():
+    loop = ControlLoop(ControllerConfig(policy="manual"))
+    det = SwitchableDetector(size=2)
+    _run(loop, det, 1)
+    det.model = "other"  # no tick since: the operator's call itself reads who serves what
+    ctl = _call(loop.pin("other", 4, {"app": det}))
+    assert ctl.model == "other" and det.size == 4
+
+
+def test_a_pin_is_recorded_and_yields_to_a_new_size_from_the_serve_config():
+    loop = ControlLoop(ControllerConfig(policy="manual"))
+    det = SwitchableDetector(size=8)
+    _run(loop, det, 1)
+    _call(loop.pin("m", 2, {"app": det}))
+    st = loop.status()["detectors"]["m"]
+    assert st["pin"]["batch_size"] == 2 and st["pin"]["by"] == "edgebatch batch set"
+    assert st["reason_code"] == "pinned" and st["policy"] == "fixed"
+    _run(loop, det, 3)
+    assert det.size == 2 and loop.status()["detectors"]["m"]["reason_code"] == "fixed"
+    det.size = 4  # `edgebatch up` with a new user_config max_batch_size: Serve reconfigured the replica
+    sets = det.sets
+    _run(loop, det, 5)
+    st = loop.status()["detectors"]["m"]
+    assert det.size == 4 and det.sets == sets  # the pin no longer overrides the config
+    assert st["pin"] is None and st["policy"] == "manual"
+    cleared = [h for h in st["history"] if h["reason_code"] == "pin_cleared"]
+    assert cleared and "pin on 2 cleared" in cleared[-1]["reason"] and "outside the controller" in cleared[-1]["reason"]
+
+
+def test_a_re_pin_by_the_fixed_policy_has_its_own_reason_code():
+    loop = ControlLoop(ControllerConfig(policy="fixed", policy_params={"size": 8}))
+    det = SwitchableDetector(size=2)
+    _run(loop, det, 3)
+    moves = [h for h in loop.status()["detectors"]["m"]["history"] if h["action"] != "keep"]
+    assert det.size == 8 and moves and moves[0]["reason_code"] == "pin_applied"
+    assert all(h["reason_code"] != "deadline_missed" for h in loop.status()["detectors"]["m"]["history"])
+
+
+def test_batch_manual_releases_a_pin_and_stops_deciding():
+    loop = ControlLoop(ControllerConfig(policy="algorithm1", stream_fps=30.0))
+    det = SwitchableDetector(size=1)
+    _run(loop, det, 1)
+    _call(loop.pin("m", 2, {"app": det}))
+    loop.set_policy("m", "manual", {})
+    st = loop.status()["detectors"]["m"]
+    assert st["pin"] is None and st["policy"] == "manual" and st["reason_code"] == "manual"
+    sets = det.sets
+    _run(loop, det, 10)
+    assert det.size == 2 and det.sets == sets
+
+
+def test_reason_codes_come_from_the_policy_not_from_the_text():
+    loop = ControlLoop(ControllerConfig(policy="throughput_aware", stream_fps=30.0))
+    det = SwitchableDetector(size=4, fail_sizes=(8,))
+    _run(loop, det, 20)
+    history = loop.status()["detectors"]["m"]["history"]
+    failed = [h for h in history if h["reason_code"] == "load_failed"]
+    later = history[history.index(failed[-1]) + 1:]
+    assert det.size == 4 and later
+    # the settled reason still names the failure, but the windows after it are "settled", not "load_failed"
+    assert all(h["reason_code"] == "settled" for h in later) and any("failed" in h["reason"] for h in later)
+
+
+def test_n_over_f_uses_the_batches_that_formed_not_the_size_in_force():
+    stats = {"max_batch_size": 16, "metrics": {"batches": 40, "throughput": 30.0, "d_batch_s": 0.12,
+                                               "mean_batch_size": 3.0, "variant_items": {1: 20, 16: 100}}}
+    obs = observation_from_stats(stats, 30.0)
+    assert obs.formed_batch_size == 3.0 and obs.budget.criterion_s == pytest.approx(3 / 30)
+    assert obs.items_on_own_variant == (100, 120)
+    from policies.batch_size import ControllerState, PolicyConfig
+
+    decision, _ = algorithm1([obs], ControllerState(current=16), PolicyConfig())
+    # 3 items arrive in 0.1 s at 30 fps; a batch takes 0.12 s: the stream is falling behind
+    assert decision.action == "lower" and decision.code == ReasonCode.DEADLINE_MISSED, decision.reason
+    assert "N=3 formed of max 16" in decision.reason
+
+
+def test_a_gain_counts_only_when_the_larger_variant_ran():
+    """--fps 5 with small batches: every reply ran on the batch-1 variant, whatever the size in force."""
+
+    @dataclass
+    class NoisyDetector(SwitchableDetector):
+        async def stats(self, stream_fps, since):
+            out = await super().stats(stream_fps, since)
+            out["metrics"]["throughput"] = 40.0 * (1 + 0.1 * self.size.bit_length())  # noise that looks like a gain
+            out["metrics"]["d_batch_s"] = 0.02
+            return out
+
+    seen: list[dict] = []
+    loop = ControlLoop(ControllerConfig(policy="throughput_aware", stream_fps=5.0), on_decision=lambda c, e: seen.append(e))
+    det = NoisyDetector(size=1, formed=1.5, one_variant=True)
+    _run(loop, det, 30)
+    assert det.size == 1, seen
+    codes = [e["reason_code"] for e in seen]
+    assert "variant_not_run" in codes and codes[-1] == "settled"
+    assert any("variant served 0% of the items" in e["reason"] for e in seen)
 
 
 def test_observations_from_stats_with_and_without_a_device_sample():

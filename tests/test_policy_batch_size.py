@@ -384,7 +384,7 @@ def generate_trace(name: str) -> list[dict]:
         for n in SIZES:
             for k in range(TRACE_PER_WINDOW):
                 obs = model.observe(n, noise=TRACE_NOISE, rng=rng, t=t * WINDOW_S + k * WINDOW_S / TRACE_PER_WINDOW)
-                rows.append({"window": t, **{k: v for k, v in obs.__dict__.items() if v is not None}})
+                rows.append({"window": t, **{k: v for k, v in obs.__dict__.items() if v not in (None, ())}})
     return rows
 
 

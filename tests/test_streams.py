@@ -117,6 +117,22 @@ def test_queue_policy_keeps_every_frame_within_its_bound(clip, demo_stage):
         pipe.close()
 
 
+def test_realtime_margin_is_against_the_streams_target_fps(clip, demo_stage):
+    """A camera-like stream (paced at 30 fps) behind a 10 fps engine: frames that never got in do not
+    make the margin look positive. Each batch holds one of its frames, due every 1/30 s."""
+    stage, post, size = demo_stage
+    pipe = make_pipeline(stage=SlowEngine(stage, 0.1), post=post, size=size, stage_bound=1, max_in_flight=1)
+    try:
+        sid = pipe.add_stream(str(clip), StreamOptions(fps=30, behind="queue", queue_bound=1))
+        wait_for(lambda: pipe.status(sid)["frames_out"] >= 8, 120, "frames through the slow engine")
+        st = pipe.status(sid)
+        assert st["fps_in"] < 20  # the reader waited: far fewer frames got in than the stream's 30 fps
+        # 1 frame / 30 fps - d_batch (over 0.1 s of inference alone)
+        assert st["realtime_margin_s"] is not None and st["realtime_margin_s"] < 1 / 30 - 0.1 + 0.005, st
+    finally:
+        pipe.close()
+
+
 class FakeCapture:
     """A camera that yields ``frames`` frames, then its read fails (cable pulled)."""
 

@@ -1,8 +1,8 @@
-"""`edgebatch batch set | auto | status`: the operator's side of the Adaptive Batch Controller.
+"""`edgebatch batch set | auto | manual | status`: the operator's side of the Adaptive Batch Controller.
 
 The commands join the running Ray cluster and talk to the ``edgebatch-controller``
 application through its Serve handle; ``set`` falls back to the detector itself when
-the controller is not deployed.
+the controller is not deployed. A detector is named by the model it serves now.
 """
 
 from __future__ import annotations
@@ -38,7 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_auto)
 
-    p = bsub.add_parser("status", help="per detector: size in force, policy, last decision and its reason")
+    p = bsub.add_parser("manual", help="stop adapting MODEL's batch size and release its pin; the size stays as it is")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_manual)
+
+    p = bsub.add_parser("status", help="per detector: size in force, policy, pin, last decision and its reason")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_status)
 
@@ -88,11 +93,9 @@ def _call(method: Any, *args: Any, timeout_s: float = 180.0, **kwargs: Any) -> d
     try:
         result = method.remote(*args, **kwargs).result(timeout_s=timeout_s)
     except EdgebatchError:
-        raise
+        raise  # the controller's own answer (unknown model, size without a variant, failed load): its message
     except Exception as exc:
         raise Unavailable(f"the batch controller did not answer: {one_line(exc)[:300]}") from None
-    if isinstance(result, dict) and result.get("error"):
-        raise BadRequest(result["error"])
     return result
 
 
@@ -120,7 +123,8 @@ def cmd_set(args: argparse.Namespace) -> int:
     controller = _controller()
     if controller is not None:
         out = _call(controller.set_fixed, args.model, args.n)
-        line = f"{args.model}: batch size {out.get('current_batch_size')} (fixed; controller pinned it)"
+        line = (f"{args.model}: batch size {out.get('current_batch_size')} (pinned; `edgebatch batch auto` or "
+                "`batch manual` releases it)")
     else:
         app_name, handle = _detector_for(args.model)
         try:
@@ -159,6 +163,25 @@ def cmd_auto(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_manual(args: argparse.Namespace) -> int:
+    _join()
+    controller = _controller()
+    if controller is None:
+        raise Unavailable("the batch controller (application edgebatch-controller) is not running, so nothing adapts "
+                          "batch sizes: every detector is already manual")
+    out = _call(controller.set_manual, args.model)
+    if args.json:
+        print(json.dumps(out, default=str))
+    else:
+        print(f"{args.model}: manual at batch size {out.get('current_batch_size')}; the controller only observes "
+              "(`edgebatch batch set` or the Serve config's max_batch_size change the size)")
+    return 0
+
+
+def _clock(at: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(at)) if at else "-"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     _join()
     controller = _controller()
@@ -173,14 +196,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not out["detectors"]:
         print("  no detectors found yet")
     for model, d in out["detectors"].items():
-        when = time.strftime("%H:%M:%S", time.localtime(d["decided_at"])) if d.get("decided_at") else "-"
         print(f"  {model} (app {d['app']}): batch {d['current_batch_size']} of {d['allowed_sizes']}, policy {d['policy']}")
+        if d.get("pin"):
+            p = d["pin"]
+            print(f"    pinned at {p['batch_size']} since {_clock(p.get('at'))} by {p.get('by')}")
         if d.get("action"):
-            print(f"    last decision {when}: {d['action']} -> {d['batch_size']}: {d['reason']}")
+            print(f"    last decision {_clock(d.get('decided_at'))} [{d.get('reason_code')}]: {d['action']} -> "
+                  f"{d['batch_size']}: {d['reason']}")
         if d.get("last_observation"):
             o = d["last_observation"]
-            print(f"    last window: d_batch {o['d_batch_s']} s, N/F {o['criterion_s']} s, margin {o['margin_s']} s, "
-                  f"{o['throughput']} items/s")
+            formed = o.get("formed_batch_size")
+            print(f"    last window: batches of {formed} formed, d_batch {o['d_batch_s']} s, N/F {o['criterion_s']} s, "
+                  f"margin {o['margin_s']} s, {o['throughput']} items/s")
         if d.get("last_failure"):
             f = d["last_failure"]
             print(f"    last load failure: batch {f['batch_size']}: {f['error']} (kept {f['kept_batch_size']})")

@@ -110,8 +110,9 @@ class AppMetrics:
     def snapshot(self, stream_fps: float | None = None, since: float | None = None) -> dict[str, Any]:
         """Window figures; ``since`` (this recorder's clock) cuts the window at a batch-size change.
 
-        ``stream_fps`` is the stream rate F of the real-time criterion; without it the
-        measured arrival rate (items/s over the window) stands in.
+        ``stream_fps`` is the stream rate F of the real-time criterion. Without it there is no
+        margin: the arrival rate is what got through (after drops upstream), never the target,
+        so a margin against it would look healthy for a stream that is losing frames.
         """
         now = self._clock()
         start = max(now - self.window_s, self._started)
@@ -131,7 +132,7 @@ class AppMetrics:
         n_items = sum(b.batch_size for b in batches)
         throughput = n_items / span
         arrival_fps = (n_items + len(drops)) / span
-        fps = stream_fps if stream_fps and stream_fps > 0 else arrival_fps
+        fps = stream_fps if stream_fps and stream_fps > 0 else None
         pre = [i[1] for i in items] or [b.pre_s for b in batches]
         post = [i[2] for i in items] or [b.post_s for b in batches]
         per_stage = {
@@ -146,9 +147,11 @@ class AppMetrics:
         mean_n = n_items / len(batches) if batches else 0.0
         sizes: dict[int, int] = {}
         variants: dict[int, int] = {}
+        variant_items: dict[int, int] = {}  # items each variant served: a size's throughput is its variant's
         for b in batches:
             sizes[b.batch_size] = sizes.get(b.batch_size, 0) + 1
             variants[b.variant_batch_size] = variants.get(b.variant_batch_size, 0) + 1
+            variant_items[b.variant_batch_size] = variant_items.get(b.variant_batch_size, 0) + b.batch_size
         drop_reasons: dict[str, int] = {}
         for _, reason in drops:
             drop_reasons[reason] = drop_reasons.get(reason, 0) + 1
@@ -166,9 +169,10 @@ class AppMetrics:
             "mean_batch_size": mean_n,
             "batch_sizes": dict(sorted(sizes.items())),
             "variant_batch_sizes": dict(sorted(variants.items())),
+            "variant_items": dict(sorted(variant_items.items())),
             "queue_len_mean": _mean([b.queue_len for b in batches]),
             "queue_len_max": max((b.queue_len for b in batches), default=0),
-            "margin_s": margin_s(mean_n, fps, d_batch_mean) if batches else None,
+            "margin_s": margin_s(mean_n, fps, d_batch_mean) if batches and fps else None,
             "drops": drop_reasons,
             "drops_total": drops_total,
             "clock": now,

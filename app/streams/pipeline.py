@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
@@ -39,7 +40,7 @@ from app.streams.reader import (
 )
 from app.streams.sinks import FrameResult, Sink, SubscriberHub
 from app.streams.source import Opener, SourceInfo, SourceSpec, open_capture, probe_source
-from app.streams.stats import BatchTiming, RateMeter, StreamStats, stats_json
+from app.streams.stats import BatchTiming, StreamStats, stats_json
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,12 @@ class _Stream:
         self.batch_sizes_seen: dict[int, int] = {}
         self.needs_image = any(getattr(s, "needs_image", False) for s in sinks)
 
+    def target_fps(self) -> float:
+        """F of this stream's real-time condition: the rate its reader paces at (min of the file's and the
+        asked fps), else the asked fps; never the rate that got through."""
+        effective = self.reader.status().effective_fps if self.reader is not None else 0.0
+        return effective if effective > 0 else self.options.fps
+
 
 class StreamPipeline:
     """Many streams through one staged pipeline; thread-safe control methods."""
@@ -168,7 +175,6 @@ class StreamPipeline:
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.fps_in = RateMeter()  # all streams: F in the real-time condition
         self._threads = [threading.Thread(target=self._preprocess_loop, name=f"edgebatch-pre-{i}", daemon=True)
                          for i in range(preprocess_workers)]
         self._threads.append(threading.Thread(target=self._engine_loop, name="edgebatch-engine", daemon=True))
@@ -203,7 +209,7 @@ class StreamPipeline:
                 raise BadRequest(f"stream id {sid!r} already exists")
             q = self.mux.add(sid, options.queue_bound, options.behind)
             stream = _Stream(sid, spec, info, options, q, list(sinks), SubscriberHub())
-            q.on_put = lambda: (stream.stats.fps_in.mark(), self.fps_in.mark())
+            q.on_put = stream.stats.fps_in.mark
             self._streams[sid] = stream
         reader = FrameReader(
             sid, spec, q,
@@ -371,8 +377,7 @@ class StreamPipeline:
                 preprocess_s=sum(w.pre_s for w in batch) / max(1, len(batch)) * n_batch,
                 inference_s=out.inference_s,
                 postprocess_s=post_s / max(1, len(batch)) * n_batch,
-                arrival_fps=self.fps_in.rate(),
-                own_frames=len(batch),
+                frames_by_stream=Counter(w.frame.stream_id for w in batch),
             )
             now = time.time()
             for w in batch:
@@ -390,6 +395,7 @@ class StreamPipeline:
             s = self._streams.get(r.stream_id)
         if s is None:
             return  # removed while in flight
+        margin = timing.margin_s(s.id, s.target_fps())
         with s.lock:
             if s.finished.is_set():
                 return
@@ -400,7 +406,7 @@ class StreamPipeline:
                 s.next_seq += 1
             s.batch_sizes_seen[r.batch_size] = s.batch_sizes_seen.get(r.batch_size, 0) + 1
             for item in ready:
-                s.stats.on_batch(timing)
+                s.stats.on_batch(timing, margin)
                 s.stats.on_delivered(item.frame_index, item.capture_ts, time.time(), item.error is not None)
                 for sink in s.sinks:
                     try:

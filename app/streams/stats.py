@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -54,32 +55,29 @@ class Ewma:
 
 @dataclass
 class BatchTiming:
-    """One batch's stage times, the paper's d_batch and its real-time margin."""
+    """One batch's stage times and the paper's d_batch; each stream's real-time margin follows from it."""
 
     size: int
     streams: int
     preprocess_s: float  # sum over the batch's frames
     inference_s: float
     postprocess_s: float  # sum over the batch's frames
-    arrival_fps: float  # frames/s entering the pipeline (all streams) when the batch ran
-    # this pipeline's frames in the batch, when the detector batched them with others' (Ray mode:
-    # ``size`` then counts other readers' frames and HTTP requests, which arrival_fps does not)
-    own_frames: int | None = None
+    # this pipeline's frames in the batch, per stream (in Ray mode the detector batched them with
+    # other readers' frames and HTTP requests, which ``size`` counts and these do not)
+    frames_by_stream: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def d_batch_s(self) -> float:
         return self.preprocess_s + self.inference_s + self.postprocess_s
 
-    @property
-    def budget_s(self) -> float | None:
-        """N / F: how long this pipeline's N frames of the batch take to arrive at F."""
-        n = self.size if self.own_frames is None else self.own_frames
-        return n / self.arrival_fps if self.arrival_fps > 0 else None
-
-    @property
-    def margin_s(self) -> float | None:
-        b = self.budget_s
-        return None if b is None else b - self.d_batch_s
+    def margin_s(self, stream_id: str, target_fps: float) -> float | None:
+        """N / F - d_batch for one stream: its N frames of this batch take N / F to arrive at the
+        stream's target rate F. Against the target, not the rate that got in: a stream that loses
+        half its frames (dropped, or never read while its reader waited) has a negative margin."""
+        n = self.frames_by_stream.get(stream_id, 0)
+        if n <= 0 or not target_fps > 0:
+            return None
+        return n / target_fps - self.d_batch_s
 
 
 @dataclass
@@ -98,11 +96,12 @@ class StreamStats:
     batch_size: Ewma = field(default_factory=Ewma)
     latency: Ewma = field(default_factory=Ewma)
 
-    def on_batch(self, timing: BatchTiming) -> None:
+    def on_batch(self, timing: BatchTiming, margin_s: float | None) -> None:
+        """One of this stream's frames came out of ``timing``'s batch; ``margin_s`` is the stream's margin in it."""
         self.d_batch.add(timing.d_batch_s)
         self.batch_size.add(timing.size)
-        if timing.margin_s is not None:
-            self.margin.add(timing.margin_s)
+        if margin_s is not None:
+            self.margin.add(margin_s)
 
     def on_delivered(self, frame_index: int, capture_ts: float, now: float, error: bool) -> None:
         self.frames_out += 1
