@@ -9,6 +9,7 @@ repository registers; nothing here talks to MLflow.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import re
@@ -120,6 +121,105 @@ def _baked_batch_reshapes(model, batch: int) -> list[str]:
     return found
 
 
+# ---------------------------------------------------------------------------- an export's own metadata
+
+_METADATA_MAX_CHARS = 1 << 20  # a class-name table is a few KB; refuse to parse anything near a megabyte
+_IMGSZ_MAX = 8192
+
+
+@dataclass(frozen=True)
+class ExportMetadata:
+    """What an Ultralytics ONNX export says of itself in ``metadata_props`` (all optional)."""
+
+    imgsz: tuple[int, int] | None = None  # (height, width) it was exported for
+    stride: int | None = None  # the image size must be a multiple of it
+    names: list[str] | None = None  # class names by class id
+
+
+def _literal(key: str, text: str, label: str):
+    """A metadata value that Ultralytics writes as a Python literal (``str(dict)``): parsed, never evaluated."""
+    if len(text) > _METADATA_MAX_CHARS:
+        raise BadRequest(f"metadata_props {key!r} of {label} is {len(text)} characters; too long to be what it "
+                         "should hold (pass --labels / --imgsz instead)")
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        raise BadRequest(f"metadata_props {key!r} of {label} is not a Python literal: {text[:80]!r}") from None
+
+
+def parse_imgsz(value: object, what: str) -> tuple[int, int]:
+    """``640``, ``"640"``, ``"480,640"``, ``[480, 640]`` -> (height, width); each in 1..8192."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.strip().strip("[]()").split(",") if p.strip()]
+        try:
+            value = [int(p) for p in parts]
+        except ValueError:
+            raise BadRequest(f"{what} {value!r} is not an image size; write e.g. 640 or 480,640 (height,width)") from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if (not isinstance(value, (list, tuple)) or len(value) not in (1, 2)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= _IMGSZ_MAX for v in value)):
+        raise BadRequest(f"{what} {value!r} is not an image size; write e.g. 640 or 480,640 (height,width), "
+                         f"each between 1 and {_IMGSZ_MAX}")
+    return (int(value[0]), int(value[-1]))
+
+
+def read_export_metadata(model, label: str) -> ExportMetadata:
+    """``imgsz``, ``stride`` and ``names`` from an (Ultralytics) export's metadata_props, checked."""
+    props = {p.key: p.value for p in model.metadata_props}
+    imgsz = parse_imgsz(_literal("imgsz", props["imgsz"], label), f"metadata_props 'imgsz' of {label}") \
+        if "imgsz" in props else None
+    stride = None
+    if "stride" in props:
+        value = _literal("stride", props["stride"], label)
+        if isinstance(value, (list, tuple)) and value:
+            value = max(value)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 1024:
+            raise BadRequest(f"metadata_props 'stride' of {label} is {props['stride']!r}, not a positive integer")
+        stride = int(value)
+    names = None
+    if "names" in props:
+        value = _literal("names", props["names"], label)
+        if isinstance(value, dict) and all(isinstance(k, int) and not isinstance(k, bool) for k in value) \
+                and sorted(value) == list(range(len(value))) and all(isinstance(v, str) for v in value.values()):
+            names = [value[i] for i in range(len(value))]
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            names = list(value)
+        else:
+            raise BadRequest(f"metadata_props 'names' of {label} is not a table of class ids 0..N-1 to names "
+                             "(like {0: 'person', 1: 'bicycle'}); pass --labels FILE")
+    return ExportMetadata(imgsz=imgsz, stride=stride, names=names)
+
+
+def export_metadata(source: Path) -> ExportMetadata:
+    """The metadata of an ONNX file on disk (its weights are not loaded)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(source), load_external_data=False)
+    except Exception as exc:
+        raise BadRequest(f"{source} is not a readable ONNX model ({exc}); pass an .onnx export") from None
+    return read_export_metadata(model, Path(source).name)
+
+
+def _image_size(model, label: str, imgsz: tuple[int, int] | None, meta: ExportMetadata) -> tuple[int, int] | None:
+    """The (H, W) to fix the image input at: --imgsz, else the file's imgsz when H/W are dynamic; None: leave as is."""
+    dims = _graph_inputs(model)[0].type.tensor_type.shape.dim
+    if len(dims) != 4:
+        return None
+    fixed = [int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims[2:]]
+    wanted = imgsz or (meta.imgsz if None in fixed else None)
+    if wanted is None:
+        return None
+    if None not in fixed and tuple(fixed) != wanted:
+        raise BadRequest(f"{label} was exported for images of {fixed[0]}x{fixed[1]}; it cannot run at "
+                         f"{wanted[0]}x{wanted[1]}: drop --imgsz or export it with dynamic height and width")
+    if meta.stride and (wanted[0] % meta.stride or wanted[1] % meta.stride):
+        raise BadRequest(f"image size {wanted[0]}x{wanted[1]} is not a multiple of {label}'s stride {meta.stride}; "
+                         f"pass --imgsz with multiples of {meta.stride}, e.g. {meta.stride * 20}")
+    return wanted
+
+
 def _dynamic_export_hint(model_name: str) -> str:
     return (
         f"re-export {model_name} with a dynamic batch axis, e.g. torch.onnx.export(..., "
@@ -127,8 +227,9 @@ def _dynamic_export_hint(model_name: str) -> str:
     )
 
 
-def _with_batch(model, batch: int):
-    """A copy of ``model`` whose inputs and outputs have batch ``batch``, shapes re-inferred."""
+def _with_batch(model, batch: int, image_size: tuple[int, int] | None = None):
+    """A copy of ``model`` whose inputs and outputs have batch ``batch`` (and the image input
+    ``image_size`` = (H, W) when given), shapes re-inferred."""
     import onnx
 
     variant = onnx.ModelProto()
@@ -138,6 +239,11 @@ def _with_batch(model, batch: int):
         if dims:
             dims[0].Clear()
             dims[0].dim_value = batch
+    if image_size is not None:
+        dims = _graph_inputs(variant)[0].type.tensor_type.shape.dim
+        for dim, size in zip(dims[2:], image_size):
+            dim.Clear()
+            dim.dim_value = size
     del variant.graph.value_info[:]  # stale intermediate shapes would pin the old batch
     return onnx.shape_inference.infer_shapes(variant, check_type=True, strict_mode=True)
 
@@ -163,8 +269,8 @@ def _verify_onnx(path: Path, batch: int, label: str) -> tuple[tuple[int, ...], s
         dims = inp.shape
         if any(not isinstance(d, int) or d < 1 for d in dims):
             raise BadRequest(
-                f"input {inp.name!r} of {label} has dynamic dimensions {dims} besides the batch; "
-                "export it with a fixed image size (e.g. 3x320x320) so each variant has one shape"
+                f"input {inp.name!r} of {label} has dynamic dimensions {dims} besides the batch and its "
+                "metadata names no image size (imgsz); pass --imgsz H,W (e.g. --imgsz 640) to build it at one size"
             )
         elem = elem_types.get(inp.name, 1)
         feeds[inp.name] = np.zeros(dims, dtype=_ONNX_NUMPY.get(elem, np.float32))
@@ -192,6 +298,7 @@ def build_onnx_variants(
     batch_sizes: Iterable[int],
     out_dir: Path,
     *,
+    imgsz: tuple[int, int] | None = None,
     on_variant: Callable[[VariantFile], None] | None = None,
 ) -> list[VariantFile]:
     """Write one fixed-batch ONNX file per batch size, each verified to load and run.
@@ -199,7 +306,9 @@ def build_onnx_variants(
     A dynamic-batch export can take any batch. A fixed-batch export can only be
     re-batched when no constant in the graph bakes its batch in; when a Reshape
     does, we refuse with the fix (export with a dynamic batch axis) instead of
-    registering a variant that would mix images.
+    registering a variant that would mix images. Dynamic height and width (an
+    Ultralytics ``dynamic=True`` export) are fixed at ``imgsz`` = (H, W), else at
+    the ``imgsz`` the file's metadata names (checked against its ``stride``).
     """
     import onnx
 
@@ -212,6 +321,7 @@ def build_onnx_variants(
         raise BadRequest(f"{source} is not a readable ONNX model ({exc}); pass an .onnx export") from None
     label = source.name
     fixed = source_batch(model)
+    image_size = _image_size(model, label, imgsz, read_export_metadata(model, label))
     source_sha = file_sha256(source)
     out_dir.mkdir(parents=True, exist_ok=True)
     variants = []
@@ -225,7 +335,7 @@ def build_onnx_variants(
                     f"rebuilt for batch {batch}; " + _dynamic_export_hint(label)
                 )
         try:
-            variant = _with_batch(model, batch)
+            variant = _with_batch(model, batch, image_size)
         except Exception as exc:  # onnx.shape_inference.InferenceError and friends
             raise BadRequest(
                 f"shape inference fails for {label} at batch {batch}: {exc}; " + _dynamic_export_hint(label)
@@ -238,6 +348,7 @@ def build_onnx_variants(
             "source_batch": "dynamic" if fixed is None else str(fixed),
             "opset": str(max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)),
             "verified_with": f"onnxruntime {ort_version}",
+            **({"imgsz": f"{image_size[0]},{image_size[1]}"} if image_size else {}),
         })
         variants.append(built)
         if on_variant:
@@ -253,6 +364,7 @@ def build_tensorrt_variants(
     out_dir: Path,
     *,
     fp16: bool = False,
+    imgsz: tuple[int, int] | None = None,
     build_plans: Callable | None = None,
 ) -> list[VariantFile]:
     """One TensorRT plan per batch size, tagged with the GPU and TensorRT version it is valid for.
@@ -278,11 +390,13 @@ def build_tensorrt_variants(
         raise BadRequest(f"ONNX file {source} does not exist; pass the path of your model export")
     sizes = list(batch_sizes)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if source_batch(onnx.load(str(source), load_external_data=False)) is None:
+    model = onnx.load(str(source), load_external_data=False)
+    image_size = _image_size(model, source.name, imgsz, read_export_metadata(model, source.name))
+    if source_batch(model) is None and image_size is None:
         plans = list(build_plans(source, sizes, out_dir, fp16=fp16))
-    else:
+    else:  # fixed batch, or a dynamic image size: fixed-shape ONNX first, one plan from each
         plans = []
-        for onnx_variant in build_onnx_variants(source, sizes, out_dir / "onnx"):
+        for onnx_variant in build_onnx_variants(source, sizes, out_dir / "onnx", imgsz=imgsz):
             plans += list(build_plans(onnx_variant.path, [onnx_variant.batch_size], out_dir, fp16=fp16))
     built = sorted(plans, key=lambda plan: plan.batch_size)
     if sorted(plan.batch_size for plan in built) != sorted(sizes):
@@ -419,15 +533,18 @@ def build_variants(
     source: Path | None = None,
     files: dict[int, Path] | None = None,
     fp16: bool = False,
+    imgsz: tuple[int, int] | None = None,
 ) -> list[VariantFile]:
-    """One entry point for the CLI: dispatch on backend."""
+    """One entry point for the CLI: dispatch on backend (``imgsz`` = (H, W) for exports with a dynamic image size)."""
     if backend not in BACKENDS:
         raise BadRequest(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     out_dir = out_dir or Path(tempfile.mkdtemp(prefix="edgebatch-variants-"))
     if backend == "onnx":
-        return build_onnx_variants(_need(source, backend), batch_sizes, out_dir)
+        return build_onnx_variants(_need(source, backend), batch_sizes, out_dir, imgsz=imgsz)
     if backend == "tensorrt":
-        return build_tensorrt_variants(_need(source, backend), batch_sizes, out_dir, fp16=fp16)
+        return build_tensorrt_variants(_need(source, backend), batch_sizes, out_dir, fp16=fp16, imgsz=imgsz)
+    if imgsz is not None:
+        raise BadRequest(f"--imgsz is for ONNX sources; {backend} files were compiled at their own size")
     return variants_from_files(backend, files or {})
 
 

@@ -400,6 +400,71 @@ def test_cli_build_list_show_promote(sources, state, repo, monkeypatch, capsys, 
         _cli(["models", "promote", "cli-det", "7"])
 
 
+ULTRALYTICS_NAMES = "{0: 'person', 1: 'bicycle', 2: 'car', 3: 'dog'}"
+
+
+def _ultralytics_export(path: Path, **metadata: str) -> Path:
+    """A tiny export shaped like Ultralytics' ``dynamic=True`` ONNX: batch, height and width dynamic,
+    and its own description in metadata_props (imgsz, stride, names as a Python-literal dict)."""
+    from tests.tiny_models import make_onnx_conv
+
+    return make_onnx_conv(path, batch=None, height="height", width="width", metadata=metadata)
+
+
+def test_dynamic_image_size_is_built_at_the_exports_own_imgsz_or_at_imgsz(tmp_path):
+    src = _ultralytics_export(tmp_path / "yolo.onnx", imgsz="[32, 48]", stride="16", names=ULTRALYTICS_NAMES)
+    built = build_onnx_variants(src, [1, 2], tmp_path / "a")
+    assert [v.input_shape for v in built] == [(1, 3, 32, 48), (2, 3, 32, 48)] and built[0].tags["imgsz"] == "32,48"
+    session = ort.InferenceSession(str(built[1].path), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"images": np.zeros((2, 3, 32, 48), np.float32)})[0].shape == (2, 4, 32, 48)
+    assert build_onnx_variants(src, [4], tmp_path / "b", imgsz=(64, 64))[0].input_shape == (4, 3, 64, 64)
+    with pytest.raises(BadRequest, match="not a multiple of yolo.onnx's stride 16"):
+        build_onnx_variants(src, [1], tmp_path / "c", imgsz=(40, 40))
+    bare = _ultralytics_export(tmp_path / "bare.onnx")
+    with pytest.raises(BadRequest, match="pass --imgsz H,W"):
+        build_onnx_variants(bare, [1], tmp_path / "d")
+    assert build_onnx_variants(bare, [1], tmp_path / "e", imgsz=(16, 24))[0].input_shape == (1, 3, 16, 24)
+
+
+def test_export_metadata_is_parsed_as_literals_never_evaluated(tmp_path):
+    from model_registry.builders import export_metadata, parse_imgsz
+
+    meta = export_metadata(_ultralytics_export(tmp_path / "ok.onnx", imgsz="[640, 640]", stride="32",
+                                               names=ULTRALYTICS_NAMES))
+    assert meta.imgsz == (640, 640) and meta.stride == 32 and meta.names == ["person", "bicycle", "car", "dog"]
+    marker = tmp_path / "ran"
+    evil = _ultralytics_export(tmp_path / "evil.onnx", names=f"__import__('pathlib').Path({str(marker)!r}).touch()")
+    with pytest.raises(BadRequest, match="'names' of evil.onnx is not a Python literal"):
+        export_metadata(evil)
+    assert not marker.exists()
+    with pytest.raises(BadRequest, match="not a table of class ids"):
+        export_metadata(_ultralytics_export(tmp_path / "gap.onnx", names="{0: 'a', 5: 'b'}"))
+    with pytest.raises(BadRequest, match="too long"):
+        export_metadata(_ultralytics_export(tmp_path / "big.onnx", names="[" + "'x'," * 300_000 + "]"))
+    assert parse_imgsz("480,640", "--imgsz") == (480, 640) and parse_imgsz("640", "--imgsz") == (640, 640)
+    for bad in ("0", "a,b", "1,2,3", "99999"):
+        with pytest.raises(BadRequest, match="--imgsz"):
+            parse_imgsz(bad, "--imgsz")
+
+
+def test_cli_build_takes_the_exports_names_and_keeps_labels_across_versions(state, repo, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("EDGEBATCH_HOME", str(state.root))
+    src = _ultralytics_export(tmp_path / "yolo.onnx", imgsz="[32, 32]", stride="16", names=ULTRALYTICS_NAMES)
+    assert _cli(["models", "build", str(src), "--name", "ultra", "--batch-sizes", "1,2", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "labels: 4 from yolo.onnx's metadata (names)" in err
+    first = repo.list_variants("ultra", version="1")
+    assert [v.input_shape for v in first] == [(1, 3, 32, 32), (2, 3, 32, 32)]
+    assert json.loads(first[0].tags["labels"]) == ["person", "bicycle", "car", "dog"]
+    retrained = _ultralytics_export(tmp_path / "plain.onnx")  # no metadata at all: size from --imgsz
+    assert _cli(["models", "build", str(retrained), "--name", "ultra", "--batch-sizes", "1", "--imgsz", "16",
+                 "--no-progress"]) == 0
+    assert "labels: 4 kept from the previous version of ultra" in capsys.readouterr().err
+    second = repo.list_variants("ultra", version="2")
+    assert second[0].input_shape == (1, 3, 16, 16)
+    assert json.loads(second[0].tags["labels"]) == ["person", "bicycle", "car", "dog"]
+
+
 def test_bench_registry_prints_a_table_and_json_last(sources, repo, capsys):
     assert _cli(["bench", "registry", "--source", str(sources["dynamic"]), "--batch-sizes", "1,2",
                  "--tracking-uri", repo.tracking_uri,

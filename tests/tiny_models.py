@@ -49,13 +49,15 @@ def make_onnx_conv(
     *,
     batch: int | None = 2,
     channels: int = 3,
-    height: int = 8,
-    width: int = 8,
+    height: int | str = 8,
+    width: int | str = 8,
     conv: TinyConv | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Conv(1x1)+Sigmoid with outputs ``scores`` (N,Cout,H,W) and ``mean`` (N,Cout).
 
-    ``batch=None`` writes a symbolic batch dimension ("N").
+    ``batch=None`` writes a symbolic batch dimension ("N"); a string height or width a symbolic
+    one (an Ultralytics ``dynamic=True`` export); ``metadata`` goes to ``metadata_props``.
     """
     conv = conv or TinyConv.seeded(c_in=channels)
     c_out = conv.weight.shape[0]
@@ -74,6 +76,8 @@ def make_onnx_conv(
     graph = helper.make_graph(nodes, "tiny_conv", [x], [scores, mean], initializer=[w, b, axes])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
+    for key, value in (metadata or {}).items():
+        model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model)
     path = Path(path)
     onnx.save(model, str(path))

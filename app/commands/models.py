@@ -70,9 +70,37 @@ def _variant_json(v) -> dict:
 
 
 # ---------------------------------------------------------------- handlers
+def _previous_labels(repo, name: str) -> list[str] | None:
+    """The labels of the newest version of ``name`` (None when it has none, or no version yet)."""
+    from app.errors import NotFound
+
+    try:
+        found = repo.list_variants(name)
+    except NotFound:
+        return None
+    tagged = [v.tags["labels"] for v in found if v.tags.get("labels")]
+    return list(json.loads(tagged[0])) if tagged else None
+
+
+def _labels_for(args: argparse.Namespace, repo, source: Path | None) -> tuple[list[str] | None, str]:
+    """Labels for the new version and where they came from: --labels, the export's `names`, the previous version."""
+    from model_registry.builders import export_metadata, read_labels
+
+    if args.labels:
+        return read_labels(Path(args.labels)), f"from {args.labels}"
+    if source is not None and source.is_file() and source.suffix == ".onnx":
+        names = export_metadata(source).names
+        if names:
+            return names, f"from {source.name}'s metadata (names)"
+    previous = _previous_labels(repo, args.name)
+    if previous:
+        return previous, f"kept from the previous version of {args.name}"
+    return None, "none (pass --labels FILE)"
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
-    from model_registry.builders import (build_variants, parse_batch_sizes, parse_variant_args,
-                                         read_labels, scan_variant_folder, with_labels)
+    from model_registry.builders import (build_variants, parse_batch_sizes, parse_imgsz, parse_variant_args,
+                                         scan_variant_folder, with_labels)
     from model_registry.repository import validate_name
 
     validate_name(args.name)
@@ -90,12 +118,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
     elif args.variant:
         raise BadRequest(f"--variant is for tflite/edgetpu files; --backend {args.backend} builds from SOURCE.onnx")
     batch_sizes = parse_batch_sizes(args.batch_sizes)
+    imgsz = parse_imgsz(args.imgsz, "--imgsz") if args.imgsz else None
+    labels, labels_from = _labels_for(args, repo, source)
     with tempfile.TemporaryDirectory(prefix="edgebatch-build-") as tmp:
         print(f"building {args.backend} variants of {args.name}...", file=sys.stderr)
-        variants = build_variants(args.backend, batch_sizes, Path(tmp), source=source, files=files, fp16=args.fp16)
-        if args.labels:
-            labels = read_labels(Path(args.labels))
-            variants = [with_labels(v, labels) for v in variants]
+        variants = build_variants(args.backend, batch_sizes, Path(tmp), source=source, files=files, fp16=args.fp16,
+                                  imgsz=imgsz)
+        variants = [with_labels(v, labels) for v in variants]
         version = repo.register_version(args.name, variants, description=args.description or "",
                                         progress=not args.no_progress)
     if args.alias:
@@ -103,6 +132,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     for v in variants:
         print(f"  {v.backend} batch {v.batch_size}: {tuple(v.input_shape)} {v.precision} "
               f"{_size(v.size_bytes)} sha256 {v.sha256[:16]}", file=sys.stderr)
+    print(f"  labels: {len(labels or [])} {labels_from}", file=sys.stderr)
     print(f"registered {args.name} version {version}" + (f" (@{args.alias})" if args.alias else ""),
           file=sys.stderr)
     print(version)
@@ -183,7 +213,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="a precompiled tflite/edgetpu file for one batch size (repeatable)")
     build.add_argument("--fp16", action="store_true", help="TensorRT: build FP16 plans")
     build.add_argument("--labels", metavar="FILE", help="class labels recorded on each variant: JSON list, "
-                                                         "JSON object with 'labels' (detector.json) or one per line")
+                                                         "JSON object with 'labels' (detector.json) or one per line; "
+                                                         "default: the export's own `names`, else the previous version's")
+    build.add_argument("--imgsz", metavar="H[,W]", help="image size to build at, e.g. 640 or 480,640: needed when the "
+                                                       "export's height and width are dynamic and its metadata names "
+                                                       "no imgsz; overrides the metadata's")
     build.add_argument("--alias", help="also point this alias (e.g. production) at the new version")
     build.add_argument("--description", default="", help="text stored on the version")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
