@@ -1,4 +1,4 @@
-"""Pure decision functions: batch size, model placement, layer loading.
+"""Pure decision functions: batch size, placement shares and routing, layer loading.
 
 No Ray, no I/O, no imports of edgebatch's other packages: plain data in, plain data
 out, so each policy can be tested on recorded traces.
@@ -30,14 +30,10 @@ from policies.loading import (
 )
 from policies.placement import (
     ConcurrencyLevel,
-    ModelDemand,
-    NodeInfo,
     Placement,
     PlacementPlan,
     concurrency_level,
     fractional_share,
-    plan_placement,
-    replan_after_node_loss,
     route_weights,
 )
 
@@ -51,9 +47,7 @@ __all__ = [
     "Free",
     "Load",
     "LoadPlan",
-    "ModelDemand",
     "ModelSpec",
-    "NodeInfo",
     "Observation",
     "Placement",
     "PlacementPlan",
@@ -68,8 +62,6 @@ __all__ = [
     "get_policy",
     "order_requests",
     "plan_loading",
-    "plan_placement",
-    "replan_after_node_loss",
     "replay",
     "route_weights",
 ]
