@@ -124,20 +124,27 @@ def deploy_apps(serve_app, state):
     (unchanged apps keep their replicas). Call ``deploy_apps([app_dict, ...])`` where each
     dict is one entry of a Serve config's ``applications`` list (``name``,
     ``route_prefix``, ``import_path``, ``args``, ``deployments``); pass ``remove=[name]``
-    to drop extra apps again. Returns the merged config.
+    to drop extra apps again. ``detector={...}`` changes the base Detector's ``user_config``
+    from then on (``detector={}`` restores it). Returns the merged config.
     """
     from deployments import launcher
     from deployments.config_file import load_serve_config
 
     extra: dict[str, dict] = {}
+    detector_changes: dict = {}
 
-    def _deploy(apps: list[dict] | None = None, remove: list[str] | None = None, timeout_s: float = 240):
+    def _deploy(apps: list[dict] | None = None, remove: list[str] | None = None, timeout_s: float = 240,
+                detector: dict | None = None):
         for name in remove or []:
             extra.pop(name, None)
         for app in apps or []:
             extra[app["name"]] = app
+        if detector is not None:
+            detector_changes.clear()
+            detector_changes.update(detector)
         config = load_serve_config(None, state, port=serve_app["port"])
         base = config["applications"][0]
+        base["deployments"][0]["user_config"].update(detector_changes)
         base["deployments"][0]["user_config"]["alias_poll_s"] = 0.5
         base["deployments"][0]["graceful_shutdown_timeout_s"] = 1
         env = base["runtime_env"]

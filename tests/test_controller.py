@@ -516,9 +516,10 @@ def test_load_failure_keeps_serving_on_the_current_variant_and_is_reported(serve
 
 
 @pytest.mark.ray
-def test_controller_deployment_decides_with_a_reason_and_pins_on_request(serve_app, deploy_apps):
+def test_controller_deployment_decides_with_a_reason_and_pins_on_request(serve_app, deploy_apps, demo_repo, tmp_path):
     from ray import serve
 
+    from app.errors import BadRequest, NotFound
     from deployments.controller import APP_NAME, DEPLOYMENT_NAME
 
     app = copy.deepcopy(next(a for a in serve_app["config"]["applications"] if a["name"] == APP_NAME))
@@ -541,12 +542,13 @@ def test_controller_deployment_decides_with_a_reason_and_pins_on_request(serve_a
         assert st and status["last_observation"]["throughput"] > 0
 
         pinned = controller.set_fixed.remote("demo-detector", 2).result(timeout_s=120)
-        assert "error" not in pinned and pinned["current_batch_size"] == 2 and pinned["policy"] == "fixed"
-        assert "operator set batch size 2" in pinned["reason"]
+        assert pinned["current_batch_size"] == 2 and pinned["policy"] == "fixed" and pinned["pin"]["batch_size"] == 2
+        assert "operator pinned batch size 2" in pinned["reason"] and pinned["reason_code"] == "pinned"
         assert detector.info.remote().result(timeout_s=30)["max_batch_size"] == 2
-        bad = controller.set_fixed.remote("demo-detector", 3).result(timeout_s=60)
-        assert "not one of" in bad["error"]
-        assert "no detector serves model 'nope'" in controller.set_policy.remote("nope", "aimd").result(timeout_s=60)["error"]
+        with pytest.raises(BadRequest, match="not one of"):  # refusals cross the handle as app.errors
+            controller.set_fixed.remote("demo-detector", 3).result(timeout_s=60)
+        with pytest.raises(NotFound, match="no detector serves model 'nope'"):
+            controller.set_policy.remote("nope", "aimd").result(timeout_s=60)
 
         from deployments.status import serve_summary
 
@@ -563,19 +565,47 @@ def test_controller_deployment_decides_with_a_reason_and_pins_on_request(serve_a
         out, err = io.StringIO(), io.StringIO()
         with redirect_stdout(out), redirect_stderr(err):
             assert main(["batch", "set", "demo-detector", "4"]) == 0
+            assert main(["batch", "status"]) == 0
             assert main(["batch", "auto", "demo-detector", "--policy", "aimd", "--fps", "15"]) == 0
             assert main(["batch", "status", "--json"]) == 0
             assert main(["batch", "set", "no-such-model", "4"]) == 2
             assert main(["status"]) == 0
         text = out.getvalue()
-        assert "demo-detector: batch size 4 (fixed" in text and "policy aimd" in text
+        assert "demo-detector: batch size 4 (pinned" in text and "policy aimd" in text
+        assert "pinned at 4 since" in text and "[pinned]" in text
         cli_status = json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
         assert cli_status["detectors"]["demo-detector"]["policy"] == "aimd"
         assert cli_status["detectors"]["demo-detector"]["stream_fps"] == 15.0
         assert "no detector serves model 'no-such-model'" in err.getvalue() and "Traceback" not in err.getvalue()
         assert "controller: policy aimd" in text  # `edgebatch status` shows the controller's view
+
+        out = io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            assert main(["batch", "manual", "demo-detector"]) == 0
+        assert "demo-detector: manual at batch size" in out.getvalue()
+        back = controller.status.remote().result(timeout_s=30)["detectors"]["demo-detector"]
+        assert back["policy"] == "manual" and back["pin"] is None and back["reason_code"] == "manual"
+
+        # the Detector switched to another model: the controller follows its name
+        from model_registry.builders import build_onnx_variants, with_labels
+        from model_registry.demo import DEFAULT_ASSETS
+
+        repo, demo_version = demo_repo
+        labels = json.loads(repo.list_variants("demo-detector", version=demo_version)[0].tags["labels"])
+        copies = build_onnx_variants(DEFAULT_ASSETS / "detector.onnx", [1, 2, 4, 8, 16], tmp_path)
+        version = repo.register_version("demo-copy", [with_labels(v, labels) for v in copies])
+        deploy_apps(detector={"model": "demo-copy", "version": str(version)})
+        wait_for(lambda: detector.info.remote().result(timeout_s=30)["model"] == "demo-copy", 180, "the switch")
+        moved = controller.set_fixed.remote("demo-copy", 4).result(timeout_s=120)
+        assert moved["model"] == "demo-copy" and moved["current_batch_size"] == 4
+        assert detector.info.remote().result(timeout_s=30)["max_batch_size"] == 4
+        with pytest.raises(NotFound, match="no detector serves model 'demo-detector'; detectors serve: demo-copy"):
+            controller.set_fixed.remote("demo-detector", 2).result(timeout_s=60)
+        status = controller.status.remote().result(timeout_s=30)["detectors"]
+        assert "demo-detector" not in status and status["demo-copy"]["last_failure"] is None
     finally:
-        deploy_apps(remove=[APP_NAME])
+        deploy_apps(remove=[APP_NAME], detector={})
+        wait_for(lambda: detector.info.remote().result(timeout_s=30)["model"] == "demo-detector", 180, "the model back")
         detector.set_batch_size.remote(8, 0.005).result(timeout_s=120)
 
 

@@ -26,6 +26,7 @@ from policies.batch_size import (
     Observation,
     PolicyConfig,
     RealTimeBudget,
+    ReasonCode,
     get_policy,
     replay,
     summarize,
@@ -433,6 +434,33 @@ def test_gpu_oom_trace_settles_below_the_failing_size() -> None:
     decisions = replay(get_policy("throughput_aware"), load_trace("gpu_oom_at_16.jsonl"), PolicyConfig())
     assert settled_size(decisions, tail=45) == 8
     assert any("failed at batch 16" in d.reason for d in decisions)
+    failed = [i for i, d in enumerate(decisions) if d.code == ReasonCode.LOAD_FAILED]
+    settled = [d for d in decisions[failed[0] + 1:] if "failed at batch 16" in d.reason]
+    # the windows settled after the failure still say why in words, but their code is "settled"
+    assert settled and {d.code for d in settled} == {ReasonCode.SETTLED}
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_every_decision_carries_a_reason_code_set_by_the_policy(policy: str) -> None:
+    decisions = [d for name in sorted(TRACE_MODELS) for d in replay(get_policy(policy), load_trace(name), PolicyConfig())]
+    assert all(isinstance(d.code, ReasonCode) for d in decisions)
+    raises = {d.code for d in decisions if d.action == "raise"}
+    lowers = {d.code for d in decisions if d.action == "lower"}
+    assert raises <= {ReasonCode.CRITERION_MET, ReasonCode.PROBE, ReasonCode.REPROBE, ReasonCode.PIN_APPLIED}
+    assert lowers <= {ReasonCode.DEADLINE_MISSED, ReasonCode.SLO_MISSED, ReasonCode.LOAD_FAILED,
+                      ReasonCode.NO_THROUGHPUT_GAIN, ReasonCode.VARIANT_NOT_RUN, ReasonCode.PIN_APPLIED}
+
+
+def test_the_criterion_uses_the_formed_batch_size_and_min_variant_share_is_checked() -> None:
+    full = Observation(16, 0.3, 30.0, 50.0)
+    part = replace(full, formed_batch_size=4.0)
+    assert full.budget.is_met(0.3) and not part.budget.is_met(0.3)  # 16/30 = 0.53 s vs 4/30 = 0.13 s
+    decision, _ = get_policy("aimd")([part], ControllerState(current=16), PolicyConfig())
+    assert decision.action == "lower" and decision.code == ReasonCode.DEADLINE_MISSED
+    with pytest.raises(ValueError, match="formed_batch_size"):
+        Observation(4, 0.1, 30.0, 1.0, formed_batch_size=0.0)
+    with pytest.raises(ValueError, match="min_variant_share"):
+        PolicyConfig(min_variant_share=0.0)
 
 
 def test_tenant_trace_reprobes_after_the_drift() -> None:

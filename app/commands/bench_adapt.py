@@ -23,7 +23,7 @@ from typing import Any
 
 from app.bench.report import BenchReport, percentiles
 from app.commands.bench import common, parse_sizes
-from app.errors import BadRequest, ConfigError, Unavailable
+from app.errors import ConfigError, Unavailable
 
 COLUMNS = [
     ("phase", "phase"), ("batch_size", "batch"), ("images_per_s", "images/s"), ("p50_ms", "p50 ms"),
@@ -142,10 +142,8 @@ def _ensure_app(args: argparse.Namespace) -> str:
 
 
 def _result(ref: Any, timeout_s: float = 180.0) -> dict[str, Any]:
-    out = ref.result(timeout_s=timeout_s)
-    if isinstance(out, dict) and out.get("error"):
-        raise BadRequest(out["error"])
-    return out
+    """A controller call's answer; its refusals arrive as app.errors exceptions with their message."""
+    return ref.result(timeout_s=timeout_s)
 
 
 def _wait(seconds: float) -> None:
