@@ -369,6 +369,10 @@ class ControlLoop:
     async def tick(self, clients: dict[str, DetectorClient]) -> None:
         """``clients``: app -> detector client. One window for every detector."""
         self.ticks += 1
+        for app in [a for a in self.served if a not in clients]:  # its app is gone: so is what we kept of it
+            model = self.served.pop(app)
+            if model not in self.served.values():
+                self.controls.pop(model, None)
         known = [self._known(app) for app in clients]
         if any(ctl is None or ctl.policy != MANUAL for ctl in known):
             samples = await self._samples()

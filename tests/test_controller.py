@@ -266,6 +266,15 @@ def test_the_controller_follows_the_model_a_detector_serves_now():
     assert det.size == 4 and loop.status()["detectors"]["new"]["pin"]["batch_size"] == 4
 
 
+def test_a_detector_whose_app_is_gone_leaves_the_status():
+    loop = ControlLoop(ControllerConfig(policy="manual"))
+    a, b = SwitchableDetector(size=2, model="a"), SwitchableDetector(size=4, model="b")
+    asyncio.run(loop.tick({"app-a": a, "app-b": b}))
+    assert sorted(loop.status()["detectors"]) == ["a", "b"]
+    asyncio.run(loop.tick({"app-b": b}))  # `serve delete app-a`
+    assert sorted(loop.status()["detectors"]) == ["b"]
+
+
 def test_a_model_switch_between_readings_is_followed_by_the_operator_api_at_once():
     loop = ControlLoop(ControllerConfig(policy="manual"))
     det = SwitchableDetector(size=2)

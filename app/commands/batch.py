@@ -201,13 +201,15 @@ def cmd_status(args: argparse.Namespace) -> int:
             p = d["pin"]
             print(f"    pinned at {p['batch_size']} since {_clock(p.get('at'))} by {p.get('by')}")
         if d.get("action"):
-            print(f"    last decision {_clock(d.get('decided_at'))} [{d.get('reason_code')}]: {d['action']} -> "
-                  f"{d['batch_size']}: {d['reason']}")
+            last = d.get("last_decision") or {}
+            move = f"{d['action']} {last['from']} -> {d['batch_size']}" if last.get("from") and d["action"] != "keep" \
+                else f"keep {d['batch_size']}"
+            print(f"    last decision {_clock(d.get('decided_at'))} [{d.get('reason_code')}]: {move}: {d['reason']}")
         if d.get("last_observation"):
             o = d["last_observation"]
             formed = o.get("formed_batch_size")
-            print(f"    last window: batches of {formed} formed, d_batch {o['d_batch_s']} s, N/F {o['criterion_s']} s, "
-                  f"margin {o['margin_s']} s, {o['throughput']} items/s")
+            print(f"    last window at batch {o['batch_size']}: batches of {formed} formed, d_batch {o['d_batch_s']} s, "
+                  f"N/F {o['criterion_s']} s, margin {o['margin_s']} s, {o['throughput']} items/s")
         if d.get("last_failure"):
             f = d["last_failure"]
             print(f"    last load failure: batch {f['batch_size']}: {f['error']} (kept {f['kept_batch_size']})")
