@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.errors import ConfigError
+from app.imaging import DEFAULT_MAX_IMAGE_PIXELS
 
 Backend = Literal["onnx", "tensorrt", "tflite", "edgetpu"]
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -37,7 +38,11 @@ class DetectorConfig(BaseModel):
     max_detections: int = Field(300, ge=1, le=10000)
     layout: Literal["auto", "yolov8", "yolov5"] = "auto"
     labels: list[str] | None = Field(None, description="class names; default from the model version's tags")
-    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024,
+                                description="request bodies above this get 413 (v2: also after decompression)")
+    max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1, le=1 << 30,
+                                  description="images whose header declares more pixels get 400, before decoding")
+    auth_inference: bool = Field(False, description="inference (/v1/detect, /v2 infer) needs the API bearer token too")
     intra_op_threads: int | None = Field(
         None, ge=1, description="ONNX Runtime threads per engine; unset = all cores but one in a replica")
     intra_op_spinning: bool = Field(

@@ -238,7 +238,7 @@ class Detector:
                 "send a smaller image or raise max_body_bytes in the deployment's user_config"
             )
         t0 = time.perf_counter()
-        item = prepare(body, self.input_size)
+        item = prepare(body, self.input_size, max_pixels=self.config.max_image_pixels)
         item.timings["preprocess_s"] = time.perf_counter() - t0
         return item
 

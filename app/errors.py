@@ -51,3 +51,16 @@ def one_line(exc: BaseException) -> str:
     traceback, else the exception's type (``TimeoutError()`` has no text at all)."""
     text = getattr(exc, "message", None) or str(exc).strip()
     return text.splitlines()[-1] if text else type(exc).__name__
+
+
+class Unauthorized(EdgebatchError):
+    """No or a wrong bearer token on a guarded route; ``headers`` tells the client the scheme."""
+
+    status = 401
+    headers = {"WWW-Authenticate": 'Bearer realm="edgebatch"'}
+
+
+class TooManyRequests(EdgebatchError):
+    """Admission refused: the capacity left is in the message."""
+
+    status = 429

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import struct
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -209,18 +208,13 @@ MAX_DECOMPRESSED_BYTES = 256 * 1024 * 1024
 
 
 def _decompress(body: bytes, headers: Mapping[str, str], limit: int = MAX_DECOMPRESSED_BYTES) -> bytes:
-    """Undo tritonclient's ``request_compression_algorithm`` (gzip or deflate), bounded by ``limit``
-    so a small compressed body cannot expand without end."""
+    """Undo tritonclient's ``request_compression_algorithm`` (gzip or deflate), refused with 413 as
+    soon as the inflated bytes pass ``limit`` (the deployment's max_body_bytes)."""
+    from app.security.bodies import inflate
+
     encoding = (_header(headers, "Content-Encoding") or "identity").strip().lower()
-    try:
-        if encoding in ("gzip", "deflate"):
-            d = zlib.decompressobj(wbits=(16 + zlib.MAX_WBITS) if encoding == "gzip" else zlib.MAX_WBITS)
-            out = d.decompress(body, limit + 1)
-            if len(out) > limit or d.unconsumed_tail:
-                raise PayloadTooLarge(f"decompressed request body exceeds {limit} bytes")
-            return out + d.flush()
-    except (OSError, EOFError, zlib.error) as exc:
-        raise BadRequest(f"request body is not valid {encoding} data: {exc}") from None
+    if encoding in ("gzip", "deflate"):
+        return inflate(body, encoding, limit)
     if encoding in ("identity", ""):
         return body
     raise BadRequest(
@@ -249,16 +243,15 @@ def _split_body(body: bytes, headers: Mapping[str, str]) -> tuple[dict[str, Any]
                 f"{INFERENCE_HEADER_CONTENT_LENGTH} is {json_len} but the body has only "
                 f"{len(body)} bytes"
             )
+    from app.security.bodies import loads
+
     view = memoryview(body)
-    try:
-        header = json.loads(bytes(view[:json_len]))
-    except (ValueError, UnicodeDecodeError) as exc:
-        where = (
-            f"the first {json_len} bytes (the {INFERENCE_HEADER_CONTENT_LENGTH}) are"
-            if raw_len is not None
-            else "request body is"
-        )
-        raise BadRequest(f"malformed JSON: {where} not valid JSON: {exc}") from None
+    where = (
+        f"the first {json_len} bytes (the {INFERENCE_HEADER_CONTENT_LENGTH})"
+        if raw_len is not None
+        else "request body"
+    )
+    header = loads(bytes(view[:json_len]), what=where)
     if not isinstance(header, dict):
         raise BadRequest(
             f"malformed request: the JSON must be an object, got {type(header).__name__}"
@@ -449,7 +442,18 @@ def _from_json(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> n
             )
         if parsed.dtype.kind == "O":
             flat = np.array([int(v) for v in flat], dtype=dtype)
-    return flat.astype(dtype).reshape(shape)
+        return flat.astype(dtype).reshape(shape)
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = flat.astype(dtype)
+    except OverflowError:
+        out = None
+    if dtype.kind == "f" and (out is None or not np.isfinite(out).all()):
+        raise BadRequest(
+            f"input {name!r}: {datatype} data holds a number out of range (the largest finite "
+            f"{datatype} is {float(np.finfo(dtype).max):.4g}); send finite values"
+        )
+    return out.reshape(shape)
 
 
 def _decode_outputs(
@@ -493,14 +497,17 @@ def _decode_outputs(
 
 
 def decode_infer_request(
-    body: bytes, headers: Mapping[str, str], sig: ModelSignature
+    body: bytes, headers: Mapping[str, str], sig: ModelSignature, max_bytes: int = MAX_DECOMPRESSED_BYTES
 ) -> InferRequest:
     """Decode a v2 infer request (plain JSON or binary extension) and validate it against ``sig``.
+
+    ``max_bytes`` bounds the body after decompression. Floating-point inputs must be finite
+    (NaN and infinities are a 400), so replies never carry non-standard JSON tokens.
 
     Every problem is a BadRequest whose message names the input and the expected vs
     received value, so the client sees a 400 it can act on.
     """
-    body = _decompress(body if isinstance(body, bytes) else bytes(body), headers)
+    body = _decompress(body if isinstance(body, bytes) else bytes(body), headers, max_bytes)
     header, tail = _split_body(body, headers)
 
     request_id = header.get("id")
@@ -583,6 +590,8 @@ def decode_infer_request(
                     )
                 )
             inputs[name] = _from_binary(tail[offset : offset + size], datatype, shape, name)
+            if inputs[name].dtype.kind == "f" and not np.isfinite(inputs[name]).all():
+                raise BadRequest(f"input {name!r}: binary {datatype} data holds NaN or infinity; send finite values")
             offset += size
         elif "data" in tensor:
             inputs[name] = _from_json(tensor["data"], datatype, shape, name)
@@ -691,7 +700,11 @@ def encode_infer_response(
     if request.id:
         response["id"] = request.id
     response["outputs"] = header_outputs
-    header_bytes = json.dumps(response, separators=(",", ":")).encode("utf-8")
+    try:  # strict JSON: a non-finite output is a server fault, never a bare NaN token
+        header_bytes = json.dumps(response, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except ValueError:
+        raise EdgebatchError("the model produced NaN or infinity in a JSON output; request the output "
+                             "as binary data (binary_data: true) to receive IEEE 754 values") from None
 
     if not any(binary for _, binary in selected):
         return header_bytes, {"Content-Type": CONTENT_TYPE_JSON}

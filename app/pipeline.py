@@ -11,13 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import cv2
 import numpy as np
 
 from app.errors import BadRequest
+from app.imaging import DEFAULT_MAX_IMAGE_PIXELS, check_declared_size
+
+import cv2  # noqa: E402,I001  after app.imaging: OpenCV's pixel limit must be in the environment first
 
 PAD_VALUE = 114
-MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 @dataclass(frozen=True)
@@ -56,19 +57,25 @@ class PreparedImage:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """JPEG/PNG/... bytes -> BGR uint8; a clear 400 for anything that is not an image."""
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """JPEG/PNG/... bytes -> BGR uint8; a clear 400 for anything that is not an image or is too large
+    (checked from the header, before any pixel is allocated)."""
     if not data:
         raise BadRequest("empty request body: send a JPEG or PNG image as the body")
+    check_declared_size(data, max_pixels)
     buf = np.frombuffer(data, dtype=np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    except cv2.error:  # OpenCV's own pixel limit (formats whose header we do not read)
+        raise BadRequest(f"image is larger than this server decodes (max_image_pixels {max_pixels}); "
+                         "send a smaller image") from None
     if img is None:
         raise BadRequest(
             f"body is not a decodable image ({len(data)} bytes, starts with {data[:8]!r}): "
             "send JPEG or PNG bytes with Content-Type image/jpeg or image/png"
         )
-    if img.shape[0] * img.shape[1] > MAX_IMAGE_PIXELS:
-        raise BadRequest(f"image of {img.shape[1]}x{img.shape[0]} pixels is too large")
+    if img.shape[0] * img.shape[1] > max_pixels:
+        raise BadRequest(f"image of {img.shape[1]}x{img.shape[0]} pixels exceeds max_image_pixels ({max_pixels})")
     return img
 
 
@@ -88,9 +95,10 @@ def letterbox(img: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, Lette
     return tensor, Letterbox(scale=scale, pad_x=left, pad_y=top, orig_w=w, orig_h=h)
 
 
-def prepare(data: bytes | np.ndarray, size: tuple[int, int]) -> PreparedImage:
+def prepare(data: bytes | np.ndarray, size: tuple[int, int],
+            max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> PreparedImage:
     """Pre-processing stage for one request or frame."""
-    img = decode_image(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    img = decode_image(data, max_pixels) if isinstance(data, (bytes, bytearray, memoryview)) else data
     if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3:
         raise BadRequest("expected a colour image (H, W, 3)")
     tensor, lb = letterbox(img, size)

@@ -27,13 +27,39 @@ from app.config import DetectorConfig, parse_config
 from app.detector import BatchResult, Detector
 from app.errors import BadRequest, EdgebatchError, NotFound, Unavailable
 from app.monitoring.appmetrics import AppMetrics
+from app.security.auth import TokenCheck
 from app.state import StateDir
-from deployments.http import error_response, read_body
+from deployments.http import error_response, error_responses, read_body
 from model_registry.source import RegistryModelSource, ResolvedModel
 
 log = logging.getLogger("ray.serve")
 
 api = FastAPI(title="edgebatch", description="Batched object detection on Ray Serve")
+
+#: The OpenAPI descriptions of what the routes really take and answer (for clients and fuzzers).
+DETECT_BODY = {"requestBody": {"required": True, "content": {
+    t: {"schema": {"type": "string", "format": "binary"}} for t in ("image/jpeg", "image/png", "application/octet-stream")}}}
+V2_INFER_BODY = {
+    "requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
+            "id": {"type": "string"}, "parameters": {"type": "object"},
+            "inputs": {"type": "array", "items": {"type": "object", "required": ["name", "datatype", "shape"],
+                       "properties": {"name": {"type": "string"}, "datatype": {"type": "string"},
+                                      "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                                      "data": {"type": "array"}, "parameters": {"type": "object"}}}},
+            "outputs": {"type": "array", "items": {"type": "object"}}}}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                     "description": "binary tensor data extension: the first "
+                                                    "Inference-Header-Content-Length bytes are the JSON header"}}},
+    "parameters": [{"name": "Inference-Header-Content-Length", "in": "header", "required": False,
+                    "schema": {"type": "integer", "minimum": 0}}],
+}
+V2_INFER_RESPONSES = {
+    200: {"description": "the outputs: JSON, or JSON header plus raw tensors (binary extension)",
+          "content": {"application/json": {"schema": {"type": "object"}},
+                      "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+    **error_responses(400, 401, 404, 413, 503),
+}
 
 
 class ExportedMetrics:
@@ -64,6 +90,7 @@ class DetectorDeployment:
 
     def __init__(self) -> None:
         self._state = StateDir.default()
+        self._token = TokenCheck(self._state)
         self._cpu_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="edgebatch-cpu")
         self._infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgebatch-engine")
         self._batcher = self._make_batcher(1)
@@ -343,10 +370,14 @@ class DetectorDeployment:
         return out
 
     async def _read_body(self, request: Request) -> bytes:
-        return await read_body(request, (self._config or DetectorConfig()).max_body_bytes)
+        """The body under max_body_bytes, after the API token check when inference is guarded."""
+        config = self._config or DetectorConfig()
+        if config.auth_inference:
+            self._token.require(request.headers, "inference")
+        return await read_body(request, config.max_body_bytes)
 
     # -- /v1 ---------------------------------------------------------------
-    @api.post("/v1/detect")
+    @api.post("/v1/detect", responses=error_responses(400, 401, 413, 503), openapi_extra=DETECT_BODY)
     async def detect(self, request: Request) -> Response:
         self._counters["requests"] += 1
         try:
@@ -384,6 +415,7 @@ class DetectorDeployment:
                     "instances": len(lv.instances),
                     "load_s": round(lv.load_s, 3),
                     "sha256": lv.variant.sha256[:12],
+                    "run_s": round(lv.run_s, 6),  # measured seconds per batch: stream admission's capacity
                 }
         return {
             "model": m.name if m else (c.model if c else None),
@@ -445,8 +477,8 @@ class DetectorDeployment:
     async def v2_ready(self) -> Response:
         return Response(status_code=200 if self._detector is not None else 503)
 
-    @api.get("/v2/models/{name}")
-    @api.get("/v2/models/{name}/versions/{version}")
+    @api.get("/v2/models/{name}", responses=error_responses(404, 503))
+    @api.get("/v2/models/{name}/versions/{version}", responses=error_responses(404, 503))
     async def v2_model(self, name: str, version: str | None = None) -> Response:
         from app.oip import model_metadata
 
@@ -456,8 +488,8 @@ class DetectorDeployment:
         except EdgebatchError as exc:
             return error_response(exc)
 
-    @api.get("/v2/models/{name}/ready")
-    @api.get("/v2/models/{name}/versions/{version}/ready")
+    @api.get("/v2/models/{name}/ready", responses=error_responses(404, 503))
+    @api.get("/v2/models/{name}/versions/{version}/ready", responses=error_responses(404, 503))
     async def v2_model_ready(self, name: str, version: str | None = None) -> Response:
         try:
             self._check_model(name, version)
@@ -465,17 +497,20 @@ class DetectorDeployment:
         except EdgebatchError as exc:
             return error_response(exc)
 
-    @api.post("/v2/models/{name}/infer")
-    @api.post("/v2/models/{name}/versions/{version}/infer")
+    @api.post("/v2/models/{name}/infer", responses=V2_INFER_RESPONSES, openapi_extra=V2_INFER_BODY)
+    @api.post("/v2/models/{name}/versions/{version}/infer", responses=V2_INFER_RESPONSES, openapi_extra=V2_INFER_BODY)
     async def v2_infer(self, name: str, request: Request, version: str | None = None) -> Response:
         from app.oip import decode_infer_request, encode_infer_response
 
         self._counters["requests"] += 1
         try:
+            body = await self._read_body(request)
             self._check_model(name, version)
             sig = self._signature()
-            body = await self._read_body(request)
-            req = decode_infer_request(body, request.headers, sig)
+            limit = (self._config or DetectorConfig()).max_body_bytes
+            # inflating and parsing are bounded, but CPU work: off the event loop that serves everyone
+            req = await asyncio.get_running_loop().run_in_executor(
+                self._cpu_pool, decode_infer_request, body, dict(request.headers), sig, limit)
             images = req.inputs["images"].astype(np.float32, copy=False)
             rows = await asyncio.gather(*(self._submit(images[i]) for i in range(images.shape[0])))
             output = np.stack([r[0] for r in rows])

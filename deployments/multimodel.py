@@ -28,13 +28,13 @@ from ray import serve
 from app.config import parse_config
 from app.errors import BadRequest, EdgebatchError, NotFound
 from app.layered.multimodel import ModelSource, MultiModelConfig, MultiModelHost
+from app.security.auth import TokenCheck
 from app.state import StateDir
 from deployments.http import error_response, read_body
 
 log = logging.getLogger("ray.serve")
 
 MODEL_HEADER = "serve_multiplexed_model_id"
-MAX_BODY_BYTES = 64 * 1024 * 1024
 _V2_TYPES = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64",
              "tensor(int64)": "INT64", "tensor(int32)": "INT32", "tensor(uint8)": "UINT8"}
 
@@ -77,6 +77,7 @@ class MultiModelDeployment:
 
     def __init__(self) -> None:
         self._state = StateDir.default()
+        self._token = TokenCheck(self._state)
         self._host: MultiModelHost | None = None
         self._config: MultiModelConfig | None = None
 
@@ -118,11 +119,15 @@ class MultiModelDeployment:
         from app.oip import decode_infer_request, encode_infer_response
 
         try:
-            body = await read_body(request, MAX_BODY_BYTES, "the multi-model body limit")
+            config = self._config or MultiModelConfig()
+            if config.auth_inference:
+                self._token.require(request.headers, "inference")
+            body = await read_body(request, config.max_body_bytes)
             source, sig = await self._signature(name)
             if version is not None and version != source.version:
                 raise NotFound(f"model {name} is served at version {source.version}, not {version}")
-            req = decode_infer_request(body, request.headers, sig)
+            req = await asyncio.get_running_loop().run_in_executor(  # off the event loop: bounded, but CPU work
+                None, decode_infer_request, body, dict(request.headers), sig, config.max_body_bytes)
             outcome = await asyncio.wrap_future(self._require_host().submit(name, req.inputs))
             payload, headers = encode_infer_response(name, source.version, outcome.outputs, req)
             headers = {**headers, "X-Edgebatch-Mode": outcome.mode,

@@ -19,19 +19,26 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import ray
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve import Application
 
+from app.config import parse_config
 from app.errors import BadRequest, EdgebatchError, NotFound, Unavailable
-from deployments.http import error_response
+from app.security.auth import TokenCheck
+from app.security.sources import SourcePolicy, redact
+from app.streams.admission import AdmissionConfig, admit, stream_capacity
+from deployments.http import edgebatch_error_handler, error_response, error_responses, require_token_for_writes
 
 log = logging.getLogger("ray.serve")
 
 ACTOR_NAMESPACE = "edgebatch-streams"
-api = FastAPI(title="edgebatch streams", description="Real-time video analytics through the batched detector")
+TERMINAL_STATES = ("finished", "failed", "stopped")
+api = FastAPI(title="edgebatch streams", description="Real-time video analytics through the batched detector",
+              dependencies=[Depends(require_token_for_writes(TokenCheck()))])
+api.add_exception_handler(EdgebatchError, edgebatch_error_handler)
 
 
 class _CollectionPath:
@@ -59,18 +66,31 @@ class StreamRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str | int = Field(..., description="video file path, URL OpenCV opens (rtsp://, http://), or camera index")
+    source: str | int = Field(..., description="a video file in the server's media folder (name or path), an "
+                              "allowed camera URL (rtsp://, https://), or a camera index when enabled")
     model: str | None = Field(None, description="registered model; default the detector's")
     fps: float = Field(30.0, gt=0, le=240)
     behind: Literal["drop_oldest", "queue"] = "drop_oldest"
     queue_bound: int = Field(8, ge=1, le=10000)
-    jsonl: str | None = Field(None, description="write per-frame results as JSON Lines here (on the reader's node)")
-    video_out: str | None = Field(None, description="write an annotated .mp4/.avi here (on the reader's node)")
+    jsonl: str | None = Field(None, description="file name (.jsonl) in the output folder for per-frame results")
+    video_out: str | None = Field(None, description="file name (.mp4/.avi) in the output folder for annotated video")
     node: str | None = Field(None, description="run the reader on this node: node id, IP or hostname")
     loop: bool = Field(False, description="replay a file forever (a camera stand-in)")
     reconnect_attempts: int | None = Field(8, ge=0, le=100000, description="None = retry forever")
     reconnect_initial_s: float = Field(0.5, gt=0, le=60)
     id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,40}$")
+
+
+class StreamsAppConfig(BaseModel):
+    """The streams app's ``args`` in the Serve config, validated at build time."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    detector_app: str = "edgebatch"
+    reader_num_cpus: float = Field(0.1, gt=0, le=16)
+    output_folder: str | None = Field(None, description="where jsonl/video_out files go; default <state>/outputs")
+    sources: SourcePolicy = Field(default_factory=SourcePolicy)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
 
 
 def _parse_request(data: Any) -> StreamRequest:
@@ -136,25 +156,42 @@ class StreamReaderActor:
         )
         self.results = None
 
-    def start(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Probe the source here (on the reader's node) and start; an error dict, never a raise."""
+    def start(self, req: dict[str, Any], app_config: dict[str, Any]) -> dict[str, Any]:
+        """Check the request against the allowlists here (paths resolve on the reader's node), probe the
+        source, and only then open the outputs and start; an error dict, never a raise."""
+        from pathlib import Path
+
+        from app.security.paths import OutputFolder, default_output_folder
+        from app.state import StateDir
         from app.streams.pipeline import StreamOptions
         from app.streams.reader import Backoff
         from app.streams.sinks import AnnotatedVideoSink, JsonlSink, ResultLog
 
         sinks: list[Any] = []
         try:
+            config = StreamsAppConfig.model_validate(app_config)
+            state = StateDir.default()
+            outputs = OutputFolder(Path(config.output_folder) if config.output_folder else default_output_folder(state))
+            jsonl = outputs.resolve(req["jsonl"], "jsonl", (".jsonl",)) if req.get("jsonl") else None
+            video = outputs.resolve(req["video_out"], "video_out", (".mp4", ".avi")) if req.get("video_out") else None
+            spec = config.sources.check(req["source"], state.videos)
             options = StreamOptions(
                 fps=req["fps"], behind=req["behind"], queue_bound=req["queue_bound"], loop=req["loop"],
                 backoff=Backoff(initial_s=req["reconnect_initial_s"], max_attempts=req["reconnect_attempts"]),
             )
             self.results = ResultLog(1024)
-            sinks.append(self.results)
-            if req.get("jsonl"):
-                sinks.append(JsonlSink(req["jsonl"]))
-            if req.get("video_out"):
-                sinks.append(AnnotatedVideoSink(req["video_out"], req["fps"]))
-            self.pipeline.add_stream(req["source"], options, sinks=sinks, stream_id=self.stream_id,
+
+            def open_sinks() -> list[Any]:  # after the probe: a refused source creates no file
+                sinks.append(self.results)
+                if jsonl is not None or video is not None:
+                    outputs.ensure()
+                if jsonl is not None:
+                    sinks.append(JsonlSink(jsonl))
+                if video is not None:
+                    sinks.append(AnnotatedVideoSink(video, req["fps"]))
+                return sinks
+
+            self.pipeline.add_stream(spec, options, sinks=open_sinks, stream_id=self.stream_id,
                                      node=ray.get_runtime_context().get_node_id())
         except EdgebatchError as exc:
             for s in sinks:
@@ -181,11 +218,24 @@ class StreamReaderActor:
 class StreamsIngress:
     """The stream table: id -> reader actor. One replica (the table is its state)."""
 
-    def __init__(self, detector_app: str = "edgebatch", reader_num_cpus: float = 0.1) -> None:
-        self.detector_app = detector_app
-        self.reader_num_cpus = reader_num_cpus
+    def __init__(self, config: dict[str, Any] | None = None) -> None:
+        self.config = parse_config(StreamsAppConfig, config, "edgebatch-streams args")
+        self.detector_app = self.config.detector_app
+        self.reader_num_cpus = self.config.reader_num_cpus
         self.streams: dict[str, Any] = {}
         self.requests: dict[str, dict[str, Any]] = {}
+        self.reserved: dict[str, float] = {}  # fps of streams being started (admitted, not yet in the table)
+        self._admission = asyncio.Lock()
+
+    async def _admit(self, sid: str, fps: float, info: dict[str, Any]) -> None:
+        """Reserve ``fps`` for ``sid`` if the capacity left covers it (429 saying what is left otherwise)."""
+        capacity = stream_capacity(self.config.admission, info)
+        async with self._admission:
+            statuses = await asyncio.gather(*(self._status(s, a) for s, a in list(self.streams.items())))
+            live = [st["id"] for st in statuses if st.get("state") not in TERMINAL_STATES]
+            taken = sum(float(self.requests[s]["fps"]) for s in live if s in self.requests) + sum(self.reserved.values())
+            admit(capacity, taken, len(live) + len(self.reserved), fps)
+            self.reserved[sid] = fps
 
     async def _detector_info(self) -> dict[str, Any]:
         try:
@@ -195,7 +245,7 @@ class StreamsIngress:
             raise Unavailable(f"the detector application '{self.detector_app}' is not reachable ({exc}); "
                               "start it with `edgebatch up`") from None
 
-    @api.post("/")
+    @api.post("/", status_code=201, responses=error_responses(400, 401, 429, 503))
     async def create(self, request: Request) -> JSONResponse:
         try:
             try:
@@ -208,36 +258,45 @@ class StreamsIngress:
                 raise BadRequest(f"model {req.model!r} is not served by '{self.detector_app}'; it serves "
                                  f"{info.get('model')!r} (omit model or deploy that model)")
             sid = req.id or uuid.uuid4().hex[:8]
-            if sid in self.streams:
+            if sid in self.streams or sid in self.reserved:
                 raise BadRequest(f"stream id {sid!r} already exists; DELETE it first or pick another id")
-            options: dict[str, Any] = {"name": actor_name(sid), "namespace": ACTOR_NAMESPACE,
-                                       "num_cpus": self.reader_num_cpus}
-            if req.node:
-                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-                node_id = resolve_node(req.node, ray.nodes())
-                options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
-            actor = StreamReaderActor.options(**options).remote(sid, self.detector_app, info)
+            await self._admit(sid, req.fps, info)
             try:
-                started = await asyncio.wait_for(actor.start.remote(req.model_dump()), timeout=120)
-            except Exception as exc:
-                ray.kill(actor)
-                raise Unavailable(f"the reader for stream {sid} did not start: {exc}") from None
-            if "error" in started:
-                ray.kill(actor)
-                raise EdgebatchError(started["error"], status=started["status"])
-            self.streams[sid] = actor
-            self.requests[sid] = req.model_dump()
-            return JSONResponse(started["stream"], status_code=201)
+                return await self._start(sid, req, info)
+            finally:
+                self.reserved.pop(sid, None)
         except EdgebatchError as exc:
             return error_response(exc)
+
+    async def _start(self, sid: str, req: StreamRequest, info: dict[str, Any]) -> JSONResponse:
+        """Place the reader actor and start it; its table entry only once it runs."""
+        options: dict[str, Any] = {"name": actor_name(sid), "namespace": ACTOR_NAMESPACE,
+                                   "num_cpus": self.reader_num_cpus}
+        if req.node:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            node_id = resolve_node(req.node, ray.nodes())
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+        actor = StreamReaderActor.options(**options).remote(sid, self.detector_app, info)
+        try:
+            started = await asyncio.wait_for(actor.start.remote(req.model_dump(), self.config.model_dump()),
+                                             timeout=120)
+        except Exception as exc:
+            ray.kill(actor)
+            raise Unavailable(f"the reader for stream {sid} did not start: {redact(str(exc))}") from None
+        if "error" in started:
+            ray.kill(actor)
+            raise EdgebatchError(started["error"], status=started["status"])
+        self.streams[sid] = actor
+        self.requests[sid] = req.model_dump()
+        return JSONResponse(started["stream"], status_code=201)
 
     async def _status(self, sid: str, actor: Any) -> dict[str, Any]:
         try:
             return await asyncio.wait_for(actor.status.remote(), timeout=15)
         except Exception as exc:  # the actor (or its node) died: report it, keep the table
             req = self.requests.get(sid, {})
-            return {"id": sid, "source": req.get("source"), "state": "failed",
+            return {"id": sid, "source": redact(str(req.get("source"))), "state": "failed",
                     "reason": f"reader actor is gone: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
 
     def _actor(self, sid: str) -> Any:
@@ -305,7 +364,7 @@ class StreamsIngress:
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
-    """``import_path: deployments.streams:build_app``; args: detector_app, reader_num_cpus."""
-    args = dict(args or {})
-    return StreamsIngress.bind(detector_app=str(args.get("detector_app", "edgebatch")),
-                               reader_num_cpus=float(args.get("reader_num_cpus", 0.1)))
+    """``import_path: deployments.streams:build_app``; args: ``StreamsAppConfig`` (detector_app,
+    reader_num_cpus, output_folder, sources, admission), refused at deploy with the bad field named."""
+    config = parse_config(StreamsAppConfig, dict(args or {}), "edgebatch-streams args")
+    return StreamsIngress.bind(config.model_dump())

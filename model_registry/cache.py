@@ -20,11 +20,39 @@ from collections.abc import Callable
 from pathlib import Path
 
 from app.errors import Unavailable
+from app.security.paths import SAFE_NAME_RE, OutsideRoot, check_sha256, inside
 from model_registry.builders import file_sha256
 
 
 class IntegrityError(Unavailable):
     """A variant's bytes do not match the sha256 the registry recorded: never load it."""
+
+
+class TamperedRecord(IntegrityError):
+    """A value read from the registry or the node index is not what it must be (a hash, a name)."""
+
+
+def check_record(record: dict, where: str) -> dict:
+    """A variant record whose sha256 and file name are safe to turn into cache paths.
+
+    Registry tags and the node index are both editable by whoever reaches them, so a sha256
+    of ``../../x`` must never become a folder this node deletes or writes."""
+    try:
+        check_sha256(record.get("sha256"))
+        file_name = Path(str(record.get("file", ""))).name
+        if not SAFE_NAME_RE.match(file_name) or ".." in str(record.get("file", "")).split("/"):
+            raise ValueError(f"file {str(record.get('file'))[:80]!r} is not a safe file name")
+        int(record["batch_size"]), int(record["size_bytes"])  # noqa: B018 - must be numbers
+    except (ValueError, TypeError, KeyError) as exc:
+        raise TamperedRecord(f"variant record in {where} is invalid ({exc}); it is refused: re-register the "
+                             "model (edgebatch models build ...) or delete this node's cache index") from None
+    return record
+
+
+def check_version(version: object, where: str) -> str:
+    if not isinstance(version, str) or not version.isdigit():
+        raise TamperedRecord(f"version {str(version)[:40]!r} in {where} is not a version number; it is refused")
+    return version
 
 
 class VariantCache:
@@ -37,7 +65,14 @@ class VariantCache:
 
     # -- blobs ---------------------------------------------------------------
     def blob_path(self, sha256: str, file_name: str) -> Path:
-        return self.root / "blobs" / sha256[:2] / sha256 / file_name
+        """Where a verified file lives; refuses any sha256 or name that could point elsewhere."""
+        try:
+            check_sha256(sha256)
+            if not SAFE_NAME_RE.match(file_name):
+                raise ValueError(f"file name {file_name[:80]!r} is not a safe file name")
+            return inside(self.root, self.root / "blobs" / sha256[:2] / sha256 / file_name)
+        except (ValueError, OutsideRoot) as exc:
+            raise TamperedRecord(f"refusing a cache path from registry values: {exc}") from None
 
     def get(self, sha256: str, file_name: str, size_bytes: int | None = None) -> Path | None:
         """The verified cached file, ``None`` when absent; a corrupt copy is removed and refused."""
@@ -61,6 +96,7 @@ class VariantCache:
         ``fetch(folder)`` downloads the file into ``folder`` and returns its path.
         A mismatch means the registry's artifact itself is bad: nothing is kept.
         """
+        target = self.blob_path(sha256, file_name)  # validated before anything is fetched
         scratch_root = self.root / "tmp"
         scratch_root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=scratch_root) as scratch:
@@ -72,13 +108,14 @@ class VariantCache:
                     "was registered: the stored file was truncated or tampered with, so it is refused; "
                     "register the model again (edgebatch models build ...) and promote the new version"
                 )
-            target = self.blob_path(sha256, file_name)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(fetched, target)
         return target
 
     # -- index ---------------------------------------------------------------
     def _model_dir(self, name: str) -> Path:
+        if not SAFE_NAME_RE.match(name) or ".." in name:
+            raise TamperedRecord(f"model name {name[:80]!r} is not a safe name")
         return self.root / "index" / self.registry_key / name
 
     def _write_json(self, path: Path, data: object) -> None:
@@ -98,15 +135,23 @@ class VariantCache:
             return None
 
     def remember_version(self, name: str, version: str, variants: list[dict]) -> None:
-        """Keep a version's variant metadata (hashes included) for offline use."""
-        path = self._model_dir(name) / "versions" / f"{version}.json"
+        """Keep a version's variant metadata (hashes included) for offline use; the registry's copy
+        replaces whatever the index held."""
+        path = self._model_dir(name) / "versions" / f"{check_version(version, 'the registry')}.json"
         record = {"name": name, "version": version, "variants": variants}
         if self._read_json(path) != record:
             self._write_json(path, record)
 
     def version_variants(self, name: str, version: str) -> list[dict] | None:
-        record = self._read_json(self._model_dir(name) / "versions" / f"{version}.json")
-        return None if record is None else record["variants"]
+        """The index's records of a version (offline use only), each checked before use."""
+        where = f"this node's cache index ({name}/{version})"
+        record = self._read_json(self._model_dir(name) / "versions" / f"{check_version(version, where)}.json")
+        if record is None:
+            return None
+        try:
+            return [check_record(r, where) for r in record["variants"]]
+        except (KeyError, TypeError, AttributeError):
+            raise TamperedRecord(f"{where} is not a list of variant records; delete it") from None
 
     def remember_alias(self, name: str, alias: str, version: str) -> None:
         path = self._model_dir(name) / "aliases.json"
@@ -116,10 +161,11 @@ class VariantCache:
             self._write_json(path, aliases)
 
     def alias_version(self, name: str, alias: str) -> str | None:
-        return (self._read_json(self._model_dir(name) / "aliases.json") or {}).get(alias)
+        version = (self._read_json(self._model_dir(name) / "aliases.json") or {}).get(alias)
+        return None if version is None else check_version(version, f"this node's alias index ({name}@{alias})")
 
     def known_versions(self, name: str) -> list[str]:
         folder = self._model_dir(name) / "versions"
         if not folder.is_dir():
             return []
-        return sorted((p.stem for p in folder.glob("*.json")), key=int)
+        return sorted((p.stem for p in folder.glob("*.json") if p.stem.isdigit()), key=int)

@@ -37,7 +37,7 @@ from app.engines.base import ModelVariant
 from app.errors import BadRequest, EdgebatchError, NotFound, Unavailable
 from app.state import StateDir
 from model_registry.builders import BACKENDS, VariantFile, file_sha256
-from model_registry.cache import IntegrityError, VariantCache
+from model_registry.cache import IntegrityError, VariantCache, check_record
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +149,18 @@ def _variant_record(variant: VariantFile) -> dict:
     }
 
 
-def _records_from_tags(tags: dict[str, str], source: str) -> list[dict]:
+def _records_from_tags(tags: dict[str, str], source: str, where: str = "the registry's tags") -> list[dict]:
+    """Variant records from a version's tags, each validated (hash, file name) before it is used."""
     records = []
     for key, value in tags.items():
         if key.startswith(VARIANT_TAG):
-            record = json.loads(value)
+            try:
+                record = json.loads(value)
+            except ValueError:
+                record = {}
+            if not isinstance(record, dict):
+                record = {}
+            check_record(record, f"{where} ({key})")
             record["artifact_root"] = source
             records.append(record)
     return sorted(records, key=lambda r: (r["backend"], r["batch_size"]))
@@ -521,15 +528,22 @@ class ModelRepository:
         return {alias: str(v) for alias, v in (self._registered_model(name).aliases or {}).items()}
 
     def _records(self, name: str, version: str) -> list[dict]:
-        """Variant metadata of a version: from the node's index if seen before (it never changes)."""
+        """Variant metadata of a version from the registry whenever it answers: the node's index
+        (editable by anyone on the node) stands in only while the registry is unreachable, so it
+        can never override a hash the registry recorded."""
+        reason = self._probe()
+        if not reason:
+            try:
+                mv = self._model_version(name, version)
+            except Unavailable as exc:
+                reason = exc.message
+            else:
+                records = _records_from_tags(dict(mv.tags or {}), mv.source, f"the registry's tags of {name}/{version}")
+                self.cache.remember_version(name, version, records)
+                return records
         records = self.cache.version_variants(name, version)
         if records is None:
-            reason = self._probe()
-            if reason:
-                raise self._unavailable(reason)
-            mv = self._model_version(name, version)
-            records = _records_from_tags(dict(mv.tags or {}), mv.source)
-            self.cache.remember_version(name, version, records)
+            raise self._unavailable(reason)
         return records
 
     def list_variants(self, name: str, *, version: str | None = None, alias: str | None = None) -> list[ModelVariant]:

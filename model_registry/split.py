@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.errors import BadRequest, NotFound, Unavailable
 from model_registry.builders import file_sha256
+from model_registry.cache import check_record
 
 if TYPE_CHECKING:
     from model_registry.repository import ModelRepository
@@ -274,6 +275,7 @@ def find_stages(
     manifest = mine[stages if stages is not None else max(mine)]
     paths = []
     for record in sorted(manifest["records"], key=lambda r: r["stage"]):
+        check_record(record, f"the split manifest of {name}/{resolved}")  # before it names any path
         file_name = f"{Path(record['file']).parent.name}-{Path(record['file']).name}"
         path = repo.cache.get(record["sha256"], file_name, record["size_bytes"])
         if path is None:

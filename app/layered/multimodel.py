@@ -69,6 +69,9 @@ class MultiModelConfig(BaseModel):
     stages: int | None = Field(None, ge=2, description="which split to use; None takes the finest registered")
     models: list[str] = Field(default_factory=list, description="models allowed; empty allows any")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per session; 0 = its default")
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024,
+                                description="request bodies above this get 413, also after decompression")
+    auth_inference: bool = Field(False, description="inference needs the API bearer token")
 
     @property
     def budget_bytes(self) -> int:

@@ -191,18 +191,25 @@ class StreamPipeline:
 
     def add_stream(
         self,
-        source: str | int,
+        source: str | int | SourceSpec,
         options: StreamOptions | None = None,
         *,
-        sinks: Sequence[Sink] = (),
+        sinks: Sequence[Sink] | Callable[[], Sequence[Sink]] = (),
         stream_id: str | None = None,
         opener: Opener = open_capture,
         node: str | None = None,
     ) -> str:
-        """Probe the source (BadRequest if unreadable), then start reading it."""
+        """Probe the source (BadRequest if unreadable), then start reading it.
+
+        ``source`` may be a ``SourceSpec`` an allowlist already checked. ``sinks`` may be a
+        callable that opens them: it runs only after the probe succeeded, so a refused
+        stream never creates or truncates an output file.
+        """
         options = options or StreamOptions()
-        spec = SourceSpec.parse(source)
+        spec = source if isinstance(source, SourceSpec) else SourceSpec.parse(source)
         info = probe_source(spec, opener)
+        if callable(sinks):
+            sinks = sinks()
         sid = stream_id or uuid.uuid4().hex[:8]
         with self._lock:
             if sid in self._streams:

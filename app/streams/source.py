@@ -6,7 +6,6 @@ so a typo or an unreachable camera is a 400 at creation, never a stream that die
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Protocol
@@ -14,9 +13,9 @@ from typing import Callable, Literal, Protocol
 import numpy as np
 
 from app.errors import BadRequest
+from app.security.sources import URL_RE, redact
 
 SourceKind = Literal["file", "url", "camera"]
-URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 NETWORK_TIMEOUT_MS = 5000
 
 
@@ -36,7 +35,7 @@ class Capture(Protocol):
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """A parsed source: ``text`` as given, ``kind``, and what OpenCV is asked to open."""
+    """A parsed source: ``text`` as shown (credentials redacted), ``kind``, and what OpenCV opens."""
 
     text: str
     kind: SourceKind
@@ -57,11 +56,13 @@ class SourceSpec:
         if URL_RE.match(raw):
             if raw.lower().startswith("file://"):
                 return cls._file(raw, raw[len("file://"):])
-            return cls(raw, "url", raw)
+            return cls(redact(raw), "url", raw)
         return cls._file(raw, raw)
 
     @classmethod
     def _file(cls, text: str, path: str) -> "SourceSpec":
+        """A local file for a trusted caller (bench, local pipeline); HTTP requests go through
+        ``app.security.sources.SourcePolicy.check`` instead."""
         p = Path(path).expanduser()
         if not p.exists():
             raise BadRequest(f"source '{text}': no such file; give an existing video path (absolute paths are "
