@@ -29,6 +29,7 @@ from app.errors import BadRequest, EdgebatchError, NotFound, Unavailable
 from app.monitoring.appmetrics import AppMetrics
 from app.security.auth import TokenCheck
 from app.state import StateDir
+from deployments.decoding import V2BodyDecoder
 from deployments.http import error_response, error_responses, read_body
 from model_registry.source import RegistryModelSource, ResolvedModel
 
@@ -93,6 +94,7 @@ class DetectorDeployment:
         self._token = TokenCheck(self._state)
         self._cpu_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="edgebatch-cpu")
         self._infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgebatch-engine")
+        self._v2_decoder = V2BodyDecoder(self._cpu_pool)
         self._batcher = self._make_batcher(1)
         self._instances = 1
         self._detector: Detector | None = None
@@ -500,7 +502,7 @@ class DetectorDeployment:
     @api.post("/v2/models/{name}/infer", responses=V2_INFER_RESPONSES, openapi_extra=V2_INFER_BODY)
     @api.post("/v2/models/{name}/versions/{version}/infer", responses=V2_INFER_RESPONSES, openapi_extra=V2_INFER_BODY)
     async def v2_infer(self, name: str, request: Request, version: str | None = None) -> Response:
-        from app.oip import decode_infer_request, encode_infer_response
+        from app.oip import encode_infer_response
 
         self._counters["requests"] += 1
         try:
@@ -508,9 +510,7 @@ class DetectorDeployment:
             self._check_model(name, version)
             sig = self._signature()
             limit = (self._config or DetectorConfig()).max_body_bytes
-            # inflating and parsing are bounded, but CPU work: off the event loop that serves everyone
-            req = await asyncio.get_running_loop().run_in_executor(
-                self._cpu_pool, decode_infer_request, body, dict(request.headers), sig, limit)
+            req = await self._v2_decoder.decode(body, request.headers, sig, limit)  # off the event loop
             images = req.inputs["images"].astype(np.float32, copy=False)
             rows = await asyncio.gather(*(self._submit(images[i]) for i in range(images.shape[0])))
             output = np.stack([r[0] for r in rows])

@@ -18,6 +18,7 @@ the header.
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +31,7 @@ from app.errors import BadRequest, EdgebatchError, NotFound
 from app.layered.multimodel import ModelSource, MultiModelConfig, MultiModelHost
 from app.security.auth import TokenCheck
 from app.state import StateDir
+from deployments.decoding import V2BodyDecoder
 from deployments.http import error_response, read_body
 
 log = logging.getLogger("ray.serve")
@@ -78,6 +80,7 @@ class MultiModelDeployment:
     def __init__(self) -> None:
         self._state = StateDir.default()
         self._token = TokenCheck(self._state)
+        self._v2_decoder = V2BodyDecoder(ThreadPoolExecutor(max_workers=2, thread_name_prefix="edgebatch-decode"))
         self._host: MultiModelHost | None = None
         self._config: MultiModelConfig | None = None
 
@@ -116,7 +119,7 @@ class MultiModelDeployment:
         )
 
     async def _infer(self, name: str, request: Request, version: str | None = None) -> Response:
-        from app.oip import decode_infer_request, encode_infer_response
+        from app.oip import encode_infer_response
 
         try:
             config = self._config or MultiModelConfig()
@@ -126,8 +129,7 @@ class MultiModelDeployment:
             source, sig = await self._signature(name)
             if version is not None and version != source.version:
                 raise NotFound(f"model {name} is served at version {source.version}, not {version}")
-            req = await asyncio.get_running_loop().run_in_executor(  # off the event loop: bounded, but CPU work
-                None, decode_infer_request, body, dict(request.headers), sig, config.max_body_bytes)
+            req = await self._v2_decoder.decode(body, request.headers, sig, config.max_body_bytes)  # off the loop
             outcome = await asyncio.wrap_future(self._require_host().submit(name, req.inputs))
             payload, headers = encode_infer_response(name, source.version, outcome.outputs, req)
             headers = {**headers, "X-Edgebatch-Mode": outcome.mode,

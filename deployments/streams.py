@@ -161,7 +161,7 @@ class StreamReaderActor:
         source, and only then open the outputs and start; an error dict, never a raise."""
         from pathlib import Path
 
-        from app.security.paths import OutputFolder, default_output_folder
+        from app.security.paths import JSONL_SUFFIXES, VIDEO_SUFFIXES, OutputFolder, default_output_folder
         from app.state import StateDir
         from app.streams.pipeline import StreamOptions
         from app.streams.reader import Backoff
@@ -172,8 +172,8 @@ class StreamReaderActor:
             config = StreamsAppConfig.model_validate(app_config)
             state = StateDir.default()
             outputs = OutputFolder(Path(config.output_folder) if config.output_folder else default_output_folder(state))
-            jsonl = outputs.resolve(req["jsonl"], "jsonl", (".jsonl",)) if req.get("jsonl") else None
-            video = outputs.resolve(req["video_out"], "video_out", (".mp4", ".avi")) if req.get("video_out") else None
+            jsonl = outputs.resolve(req["jsonl"], "jsonl", JSONL_SUFFIXES) if req.get("jsonl") else None
+            video = outputs.resolve(req["video_out"], "video_out", VIDEO_SUFFIXES) if req.get("video_out") else None
             spec = config.sources.check(req["source"], state.videos)
             options = StreamOptions(
                 fps=req["fps"], behind=req["behind"], queue_bound=req["queue_bound"], loop=req["loop"],
@@ -227,6 +227,16 @@ class StreamsIngress:
         self.reserved: dict[str, float] = {}  # fps of streams being started (admitted, not yet in the table)
         self._admission = asyncio.Lock()
 
+    def _precheck(self, req: StreamRequest) -> None:
+        """The allowlist checks that need no reader node, so a bad request is a 400 before admission."""
+        from app.security.paths import JSONL_SUFFIXES, VIDEO_SUFFIXES, check_output_name
+
+        if req.jsonl:
+            check_output_name(req.jsonl, "jsonl", JSONL_SUFFIXES)
+        if req.video_out:
+            check_output_name(req.video_out, "video_out", VIDEO_SUFFIXES)
+        self.config.sources.precheck(req.source)
+
     async def _admit(self, sid: str, fps: float, info: dict[str, Any]) -> None:
         """Reserve ``fps`` for ``sid`` if the capacity left covers it (429 saying what is left otherwise)."""
         capacity = stream_capacity(self.config.admission, info)
@@ -260,6 +270,7 @@ class StreamsIngress:
             sid = req.id or uuid.uuid4().hex[:8]
             if sid in self.streams or sid in self.reserved:
                 raise BadRequest(f"stream id {sid!r} already exists; DELETE it first or pick another id")
+            self._precheck(req)
             await self._admit(sid, req.fps, info)
             try:
                 return await self._start(sid, req, info)

@@ -232,7 +232,12 @@ def test_cli_says_plainly_when_the_app_is_not_running(capsys):
 
 # -- on Ray: the edgebatch-streams application ---------------------------------------------------
 @pytest.fixture(scope="module")
-def streams_url(deploy_apps, serve_app, state):
+def stream_outputs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("stream-outputs")
+
+
+@pytest.fixture(scope="module")
+def streams_url(deploy_apps, serve_app, state, tmp_path_factory, stream_outputs):
     from deployments import launcher
     from deployments.config_file import load_serve_config
 
@@ -240,6 +245,10 @@ def streams_url(deploy_apps, serve_app, state):
     app = next(a for a in config["applications"] if a["name"] == "edgebatch-streams")
     app.pop("runtime_env", None)
     app["deployments"][0]["graceful_shutdown_timeout_s"] = 1
+    # these tests write their clips under pytest's temporary folders: allow those as media folders
+    app["args"] = {**app["args"], "output_folder": str(stream_outputs),
+                   "sources": {"media_folders": [str(tmp_path_factory.getbasetemp())]},
+                   "admission": {"max_stream_fps": 10000}}  # admission itself: tests/test_security.py
     deploy_apps([app])
     return f"{serve_app['url']}/v1/streams"
 
@@ -274,17 +283,17 @@ def actor_gone(stream_id: str) -> bool:
         return True
 
 
-def test_stream_over_serve_every_frame_in_order_with_known_objects(streams_url, clip, tmp_path, capsys):
+def test_stream_over_serve_every_frame_in_order_with_known_objects(streams_url, clip, stream_outputs, capsys):
     import httpx
 
     r = httpx.post(streams_url, json={"source": str(clip), "fps": 30, "behind": "queue", "queue_bound": 30,
-                                      "jsonl": str(tmp_path / "out.jsonl"), "id": "clip1"}, timeout=180)
+                                      "jsonl": "out.jsonl", "id": "clip1"}, timeout=180)
     assert r.status_code == 201, r.text
     frames, reason = sse_frames(streams_url, "clip1")
     assert [f["frame"] for f in frames] == list(range(FRAMES)) and "end of file" in reason
     counts = score(frames, read_ground_truth(clip))
     assert counts.recall >= 0.9 and counts.precision >= 0.9, counts
-    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == FRAMES
+    assert len((stream_outputs / "out.jsonl").read_text().splitlines()) == FRAMES
     st = httpx.get(f"{streams_url}/clip1", timeout=30).json()
     assert st["state"] == "finished" and st["frames_out"] == FRAMES and st["drops"] == 0
     assert httpx.get(streams_url, timeout=30).json()["streams"][0]["id"] == "clip1"
@@ -304,7 +313,7 @@ def test_bad_stream_requests_are_400_naming_the_problem(streams_url, tmp_path):
     import httpx
 
     r = httpx.post(streams_url, json={"source": str(tmp_path / "nope.mp4")}, timeout=180)
-    assert r.status_code == 400 and "no such file" in r.json()["error"]
+    assert r.status_code == 400 and "no such video" in r.json()["error"]
     r = httpx.post(streams_url, json={"source": "0", "behind": "block"}, timeout=30)
     assert r.status_code == 400 and "behind" in r.json()["error"]
     r = httpx.post(streams_url, json={"source": "0", "node": "no-such-node"}, timeout=30)

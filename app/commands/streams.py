@@ -17,16 +17,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--url", default=None, help="base URL of the running app (default: the address `edgebatch up` recorded for this instance)")
+        p.add_argument("--token", default=None, help="API bearer token (default: EDGEBATCH_API_TOKEN, else the "
+                       "state folder's api_token file)")
         p.add_argument("--json", action="store_true", help="print the raw JSON answer")
 
-    p = ssub.add_parser("add", help="start a stream from a video file, URL (rtsp://, http://) or camera index")
-    p.add_argument("source")
+    p = ssub.add_parser("add", help="start a stream from a video in the server's media folder, an allowed camera "
+                        "URL, or a camera index (see docs/security.md for the allowlist)")
+    p.add_argument("source", help="a file name in the server's media folder (default <state>/videos, e.g. "
+                   "sample.mp4), a URL to a host listed in sources.hosts, or a camera index when enabled")
     p.add_argument("--fps", type=float, default=30.0, help="target frames per second (files are paced to it)")
     p.add_argument("--behind", choices=("drop_oldest", "queue"), default="drop_oldest",
                    help="when the pipeline falls behind: drop the oldest frames, or queue up to --queue-bound")
     p.add_argument("--queue-bound", type=int, default=8)
-    p.add_argument("--jsonl", help="also write per-frame results as JSON Lines to this path (on the reader's node)")
-    p.add_argument("--video-out", help="also write an annotated .mp4/.avi to this path (on the reader's node)")
+    p.add_argument("--jsonl", metavar="NAME.jsonl",
+                   help="also write per-frame results as JSON Lines to this file name in the server's output "
+                   "folder (default <state>/outputs on the reader's node)")
+    p.add_argument("--video-out", metavar="NAME.mp4",
+                   help="also write an annotated .mp4/.avi under this file name in the server's output folder")
     p.add_argument("--node", help="run the reader on this Ray node (id, IP or hostname): the camera's node")
     p.add_argument("--model", help="model name (must be the one the detector serves)")
     p.add_argument("--loop", action="store_true", help="replay a file forever (a camera stand-in)")
@@ -59,6 +66,14 @@ def _base(args: argparse.Namespace) -> str:
     from app.instance import recorded_http_url
 
     return (args.url or recorded_http_url()).rstrip("/") + "/v1/streams"
+
+
+def _auth_headers(args: argparse.Namespace) -> dict[str, str]:
+    """The Authorization header when a token is given or configured here; none otherwise."""
+    from app.security.auth import load_api_token
+
+    token = getattr(args, "token", None) or load_api_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def _call(method: str, url: str, **kw: Any) -> Any:
@@ -101,7 +116,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     for key in ("jsonl", "video_out", "node", "model", "id"):
         if getattr(args, key):
             body[key] = getattr(args, key)
-    s = _call("POST", _base(args), json=body)
+    s = _call("POST", _base(args), json=body, headers=_auth_headers(args))
     if args.json:
         print(json.dumps(s))
     else:
@@ -134,7 +149,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    out = _call("DELETE", f"{_base(args)}/{args.id}")
+    out = _call("DELETE", f"{_base(args)}/{args.id}", headers=_auth_headers(args))
     if args.json:
         print(json.dumps(out))
     else:

@@ -42,6 +42,14 @@ def check_sha256(value: object, what: str = "sha256") -> str:
     return value
 
 
+def check_output_name(name: str, what: str, suffixes: tuple[str, ...] = ()) -> str:
+    """The lexical part of ``OutputFolder.resolve``: usable where the folder is on another node."""
+    check_name(name, what)
+    if suffixes and Path(name).suffix.lower() not in suffixes:
+        raise BadRequest(f"{what} {name!r} must end in {' or '.join(suffixes)}")
+    return name
+
+
 def inside(root: Path, path: Path) -> Path:
     """``path`` resolved (symlinks followed); ``OutsideRoot`` unless it stays inside ``root``."""
     real_root = Path(root).resolve()
@@ -56,6 +64,10 @@ def default_output_folder(state: "StateDir") -> Path:
     return state.root / "outputs"
 
 
+JSONL_SUFFIXES = (".jsonl",)
+VIDEO_SUFFIXES = (".mp4", ".avi")
+
+
 class OutputFolder:
     """The one folder stream outputs may be written to (default ``<state>/outputs``)."""
 
@@ -68,9 +80,7 @@ class OutputFolder:
         A name that is not a plain file name, has the wrong suffix, or resolves outside the
         folder (a symlink planted inside it) is a BadRequest that names only the output name.
         """
-        check_name(name, what)
-        if suffixes and Path(name).suffix.lower() not in suffixes:
-            raise BadRequest(f"{what} {name!r} must end in {' or '.join(suffixes)}")
+        check_output_name(name, what, suffixes)
         try:
             path = inside(self.root, self.root / name)
         except OutsideRoot:

@@ -66,6 +66,12 @@ class SourcePolicy(BaseModel):
     def folders(self, default: Path) -> list[Path]:
         return [Path(f) for f in self.media_folders] if self.media_folders is not None else [default]
 
+    def precheck(self, source: str | int) -> None:
+        """What can be decided without the reader's filesystem: cameras and URLs in full, nothing for paths."""
+        raw = str(source).strip()
+        if raw.isdigit() or (URL_RE.match(raw) and not raw.lower().startswith("file://")):
+            self.check(raw, Path("/nonexistent"))
+
     def check(self, source: str | int, default_folder: Path) -> "SourceSpec":
         """The allowed ``SourceSpec`` for ``source``, or one BadRequest; nothing is opened here."""
         from app.streams.source import SourceSpec

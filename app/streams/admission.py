@@ -22,7 +22,7 @@ class AdmissionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_stream_fps: float | None = Field(None, gt=0, description="total fps all streams may take; unset = measured")
-    headroom: float = Field(0.5, gt=0, le=1.0, description="share of the detector's measured rate streams may use")
+    headroom: float = Field(0.75, gt=0, le=1.0, description="share of the detector's measured rate streams may use")
 
 
 @dataclass(frozen=True)
