@@ -161,7 +161,7 @@ class StreamReaderActor:
         source, and only then open the outputs and start; an error dict, never a raise."""
         from pathlib import Path
 
-        from app.security.paths import JSONL_SUFFIXES, VIDEO_SUFFIXES, OutputFolder, default_output_folder
+        from app.security.paths import JSONL_SUFFIXES, VIDEO_SUFFIXES, OutputFolder
         from app.state import StateDir
         from app.streams.pipeline import StreamOptions
         from app.streams.reader import Backoff
@@ -171,7 +171,7 @@ class StreamReaderActor:
         try:
             config = StreamsAppConfig.model_validate(app_config)
             state = StateDir.default()
-            outputs = OutputFolder(Path(config.output_folder) if config.output_folder else default_output_folder(state))
+            outputs = OutputFolder(Path(config.output_folder) if config.output_folder else state.outputs)
             jsonl = outputs.resolve(req["jsonl"], "jsonl", JSONL_SUFFIXES) if req.get("jsonl") else None
             video = outputs.resolve(req["video_out"], "video_out", VIDEO_SUFFIXES) if req.get("video_out") else None
             spec = config.sources.check(req["source"], state.videos)

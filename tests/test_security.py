@@ -47,9 +47,9 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 
 
 def _streams_app(state, serve_app, folders, admission: dict) -> dict:
-    from deployments import launcher
+    from deployments.config_file import load_serve_config
 
-    config = launcher.load_serve_config(None, state, port=serve_app["port"])
+    config = load_serve_config(None, state, port=serve_app["port"])
     app = next(a for a in config["applications"] if a["name"] == "edgebatch-streams")
     app.pop("runtime_env", None)
     app["deployments"][0]["graceful_shutdown_timeout_s"] = 1
@@ -245,17 +245,17 @@ def test_inference_can_require_the_token_and_tritonclient_passes_it(deploy_apps,
     import tritonclient.http as triton
     from tritonclient.utils import InferenceServerException
 
-    from deployments import launcher
+    from deployments import config_file
 
     url = serve_app["url"]
-    original = launcher.load_serve_config
+    original = config_file.load_serve_config
 
     def with_auth(*args, **kwargs):
         config = original(*args, **kwargs)
         config["applications"][0]["deployments"][0]["user_config"]["auth_inference"] = True
         return config
 
-    monkeypatch.setattr(launcher, "load_serve_config", with_auth)
+    monkeypatch.setattr(config_file, "load_serve_config", with_auth)  # what deploy_apps deploys from
     deploy_apps([])
     try:
         wait_for(lambda: httpx.post(f"{url}/v1/detect", content=_jpeg(), timeout=30).status_code == 401, 60,
@@ -272,7 +272,7 @@ def test_inference_can_require_the_token_and_tritonclient_passes_it(deploy_apps,
         out = client.infer("demo-detector", [inp], headers=good).as_numpy("output0")
         assert out.shape[0] == 1
     finally:
-        monkeypatch.setattr(launcher, "load_serve_config", original)
+        monkeypatch.setattr(config_file, "load_serve_config", original)
         deploy_apps([])
     wait_for(lambda: httpx.post(f"{url}/v1/detect", content=_jpeg(), timeout=30).status_code == 200, 60,
              "inference to be open again")

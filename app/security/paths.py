@@ -11,12 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from typing import TYPE_CHECKING
-
 from app.errors import BadRequest
-
-if TYPE_CHECKING:
-    from app.state import StateDir
 
 #: A file name a client may give: letters, digits, '_', '-', '.', not starting with '.', no separators.
 SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -57,11 +52,6 @@ def inside(root: Path, path: Path) -> Path:
     if real != real_root and real_root not in real.parents:
         raise OutsideRoot(f"{path} resolves outside {real_root}")
     return real
-
-
-def default_output_folder(state: "StateDir") -> Path:
-    """``<state>/outputs``: where stream outputs go unless the streams app names another folder."""
-    return state.root / "outputs"
 
 
 JSONL_SUFFIXES = (".jsonl",)
