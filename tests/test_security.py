@@ -241,22 +241,16 @@ def test_token_file_is_owner_only_and_guards_state_changes(streams, state, api_t
     assert "no stream" in capsys.readouterr().err
 
 
-def test_inference_can_require_the_token_and_tritonclient_passes_it(deploy_apps, serve_app, api_token, monkeypatch):
+def test_inference_can_require_the_token_and_tritonclient_passes_it(deploy_apps, serve_app, api_token):
     import tritonclient.http as triton
     from tritonclient.utils import InferenceServerException
 
-    from deployments import config_file
+    from deployments import launcher
 
     url = serve_app["url"]
-    original = config_file.load_serve_config
-
-    def with_auth(*args, **kwargs):
-        config = original(*args, **kwargs)
-        config["applications"][0]["deployments"][0]["user_config"]["auth_inference"] = True
-        return config
-
-    monkeypatch.setattr(config_file, "load_serve_config", with_auth)  # what deploy_apps deploys from
-    deploy_apps([])
+    config = deploy_apps([])  # everything deployed so far; only the detector's user_config changes below
+    config["applications"][0]["deployments"][0]["user_config"]["auth_inference"] = True
+    launcher.deploy(config)  # a user_config change: the replica is reconfigured in place
     try:
         wait_for(lambda: httpx.post(f"{url}/v1/detect", content=_jpeg(), timeout=30).status_code == 401, 60,
                  "inference to need the token")
@@ -272,7 +266,6 @@ def test_inference_can_require_the_token_and_tritonclient_passes_it(deploy_apps,
         out = client.infer("demo-detector", [inp], headers=good).as_numpy("output0")
         assert out.shape[0] == 1
     finally:
-        monkeypatch.setattr(config_file, "load_serve_config", original)
         deploy_apps([])
     wait_for(lambda: httpx.post(f"{url}/v1/detect", content=_jpeg(), timeout=30).status_code == 200, 60,
              "inference to be open again")
