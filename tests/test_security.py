@@ -245,12 +245,8 @@ def test_inference_can_require_the_token_and_tritonclient_passes_it(deploy_apps,
     import tritonclient.http as triton
     from tritonclient.utils import InferenceServerException
 
-    from deployments import launcher
-
     url = serve_app["url"]
-    config = deploy_apps([])  # everything deployed so far; only the detector's user_config changes below
-    config["applications"][0]["deployments"][0]["user_config"]["auth_inference"] = True
-    launcher.deploy(config)  # a user_config change: the replica is reconfigured in place
+    deploy_apps(detector={"auth_inference": True})  # a user_config change: reconfigured in place
     try:
         wait_for(lambda: httpx.post(f"{url}/v1/detect", content=_jpeg(), timeout=30).status_code == 401, 60,
                  "inference to need the token")
@@ -266,7 +262,7 @@ def test_inference_can_require_the_token_and_tritonclient_passes_it(deploy_apps,
         out = client.infer("demo-detector", [inp], headers=good).as_numpy("output0")
         assert out.shape[0] == 1
     finally:
-        deploy_apps([])
+        deploy_apps(detector={})
     wait_for(lambda: httpx.post(f"{url}/v1/detect", content=_jpeg(), timeout=30).status_code == 200, 60,
              "inference to be open again")
 

@@ -316,7 +316,7 @@ def test_bad_stream_requests_are_400_naming_the_problem(streams_url, tmp_path):
     assert r.status_code == 400 and "no such video" in r.json()["error"]
     r = httpx.post(streams_url, json={"source": "0", "behind": "block"}, timeout=30)
     assert r.status_code == 400 and "behind" in r.json()["error"]
-    r = httpx.post(streams_url, json={"source": "0", "node": "no-such-node"}, timeout=30)
+    r = httpx.post(streams_url, json={"source": "clip.mp4", "node": "no-such-node"}, timeout=30)
     assert r.status_code == 400 and "alive nodes" in r.json()["error"]
     assert httpx.delete(f"{streams_url}/nosuch", timeout=30).status_code == 404
 

@@ -2,7 +2,7 @@
 
 ``paths``: output folder confinement, safe names, cache paths inside their root.
 ``sources``: which video sources a client may name, and credential redaction.
-``auth``: the bearer token and the FastAPI check that guards routes.
+``auth``: the bearer token (file or env) and the check guarded routes run.
 ``bodies``: bounded inflate and JSON parsing of request bodies.
-No Ray, no FastAPI at import (``auth`` imports FastAPI lazily where it builds the check).
+No Ray and no FastAPI here: the deployments hook these in (``deployments/http.py``).
 """
