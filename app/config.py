@@ -7,15 +7,12 @@ in the Serve config and running ``serve deploy`` again reconfigures live replica
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from app.constants import Backend, check_model_name
 from app.errors import ConfigError
-
-Backend = Literal["onnx", "tensorrt", "tflite", "edgetpu"]
-MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class DetectorConfig(BaseModel):
@@ -51,9 +48,7 @@ class DetectorConfig(BaseModel):
     @field_validator("model")
     @classmethod
     def _model_name(cls, v: str) -> str:
-        if not MODEL_NAME_RE.match(v) or ".." in v:
-            raise ValueError("must be letters, digits, '_', '-', '.'; no path separators or '..'")
-        return v
+        return check_model_name(v)
 
     @field_validator("version", mode="before")
     @classmethod

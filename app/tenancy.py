@@ -21,7 +21,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.config import MODEL_NAME_RE, Backend, DetectorConfig, parse_config
+from app.config import DetectorConfig, parse_config
+from app.constants import Backend, check_model_name
 
 TAG_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 PLACEMENT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
@@ -144,9 +145,7 @@ class TenantModel(BaseModel):
     @field_validator("name")
     @classmethod
     def _model_name(cls, v: str) -> str:
-        if not MODEL_NAME_RE.match(v) or ".." in v:
-            raise ValueError("must be letters, digits, '_', '-', '.'; no path separators or '..'")
-        return v
+        return check_model_name(v)
 
     @model_validator(mode="after")
     def _unique(self) -> "TenantModel":

@@ -513,10 +513,10 @@ class _HandleClient:
         self._handle = handle
 
     async def stats(self, stream_fps: float | None, since: float | None) -> dict[str, Any]:
-        return await self._handle.stats.remote(stream_fps, since)
+        return (await self._handle.stats.remote(stream_fps, since)).to_dict()  # a DetectorStats
 
     async def set_batch_size(self, n: int) -> dict[str, Any]:
-        return await self._handle.set_batch_size.remote(n)
+        return (await self._handle.set_batch_size.remote(n)).to_dict()  # a DetectorInfo
 
 
 def _node_samples() -> dict[str, Any]:

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from app.config import parse_config
+from app.constants import onnx_type
 from app.errors import BadRequest, EdgebatchError, NotFound
 from app.layered.multimodel import ModelSource, MultiModelConfig, MultiModelHost
 from app.state import StateDir
@@ -35,8 +36,6 @@ log = logging.getLogger("ray.serve")
 
 MODEL_HEADER = "serve_multiplexed_model_id"
 MAX_BODY_BYTES = 64 * 1024 * 1024
-_V2_TYPES = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64",
-             "tensor(int64)": "INT64", "tensor(int32)": "INT32", "tensor(uint8)": "UINT8"}
 
 api = FastAPI(title="edgebatch multi-model", description="Many models under one memory budget")
 
@@ -108,8 +107,8 @@ class MultiModelDeployment:
         source, inputs, outputs = await asyncio.get_running_loop().run_in_executor(None, host.describe, name)
         return source, ModelSignature(
             name=name, versions=[source.version], platform="onnxruntime_onnx",
-            inputs=[TensorSpec(n, _V2_TYPES.get(t, "FP32"), shape) for n, (shape, t) in inputs.items()],
-            outputs=[TensorSpec(n, _V2_TYPES.get(t, "FP32"), [d if d > 0 else -1 for d in shape])
+            inputs=[TensorSpec(n, onnx_type(t).datatype, shape) for n, (shape, t) in inputs.items()],
+            outputs=[TensorSpec(n, onnx_type(t).datatype, [d if d > 0 else -1 for d in shape])
                      for n, (shape, t) in outputs.items()],
             max_batch_size=0,
         )

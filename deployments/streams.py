@@ -3,8 +3,9 @@
 Each stream's reader is a Ray actor (small ``num_cpus``), placed on the node that owns the
 camera when one is named. Inside it the Ray-free staged pipeline decodes and letterboxes
 frames, hands each frame to the detector deployment through a DeploymentHandle
-(``infer_row``: the same ``@serve.batch`` batcher as HTTP requests, so frames of many
-streams share batches), and post-processes the rows in order. The ingress only keeps the
+(``detect`` with a tensor item: the same ``@serve.batch`` batcher and batch handler as HTTP
+requests, so frames of many streams share batches), and post-processes the rows in order with
+the detector's own thresholds (``DetectorInfo.postprocess``). The ingress only keeps the
 stream table and relays status and events; it never touches frames.
 """
 
@@ -25,8 +26,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve import Application
 
+from app.constants import DETECTOR_APP, DETECTOR_DEPLOYMENT
+from app.detector import DetectRequest, ItemResult
 from app.errors import BadRequest, EdgebatchError, NotFound, Unavailable
-from deployments.http import error_response
+from app.replica_status import DetectorInfo
+from deployments.http import as_edgebatch_error, install_error_handlers
 
 log = logging.getLogger("ray.serve")
 
@@ -48,6 +52,7 @@ class _CollectionPath:
 
 
 api.add_middleware(_CollectionPath)
+install_error_handlers(api)
 
 
 def actor_name(stream_id: str) -> str:
@@ -106,12 +111,12 @@ class HandleEngineStage:
     def submit(self, rows: list[np.ndarray]) -> Callable[[], Any]:
         from app.streams.pipeline import EngineOutput
 
-        responses = [self.handle.infer_row.remote(r) for r in rows]
+        responses = [self.handle.detect.remote(DetectRequest.tensor(r)) for r in rows]
 
         def wait() -> EngineOutput:
-            outs = [r.result(timeout_s=60) for r in responses]
-            return EngineOutput([o["output"] for o in outs], max(o["inference_s"] for o in outs),
-                                [int(o["items_in_batch"]) for o in outs])
+            outs: list[ItemResult] = [r.result(timeout_s=60) for r in responses]
+            return EngineOutput([o.output for o in outs], max(o.batch.inference_s for o in outs),
+                                [o.batch.items for o in outs])
 
         return wait
 
@@ -120,24 +125,24 @@ class HandleEngineStage:
 class StreamReaderActor:
     """One stream: reader, pre- and post-processing on this node; inference through the detector handle."""
 
-    def __init__(self, stream_id: str, detector_app: str, detector_info: dict[str, Any]) -> None:
-        from app.streams.pipeline import PostprocessParams, StreamPipeline
+    def __init__(self, stream_id: str, detector_app: str, detector_info: DetectorInfo) -> None:
+        from app.pipeline import Postprocessor
+        from app.streams.pipeline import StreamPipeline
 
         self.stream_id = stream_id
-        handle = serve.get_deployment_handle("Detector", app_name=detector_app)
-        size = detector_info.get("input_size") or [320, 320]
+        handle = serve.get_deployment_handle(DETECTOR_DEPLOYMENT, app_name=detector_app)
+        size = detector_info.input_size or (320, 320)
         self.pipeline = StreamPipeline(
             HandleEngineStage(handle),
             input_size=(int(size[0]), int(size[1])),
-            post=PostprocessParams(labels=list(detector_info.get("labels") or []),
-                                   **(detector_info.get("postprocess") or {})),
+            post=Postprocessor(detector_info.labels, detector_info.postprocess),
             batch_wait_s=0.0,
             max_in_flight=32,
         )
         self.results = None
 
     def start(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Probe the source here (on the reader's node) and start; an error dict, never a raise."""
+        """Probe the source here (on the reader's node) and start; the stream's status, or the error raised."""
         from app.streams.pipeline import StreamOptions
         from app.streams.reader import Backoff
         from app.streams.sinks import AnnotatedVideoSink, JsonlSink, ResultLog
@@ -156,11 +161,11 @@ class StreamReaderActor:
                 sinks.append(AnnotatedVideoSink(req["video_out"], req["fps"]))
             self.pipeline.add_stream(req["source"], options, sinks=sinks, stream_id=self.stream_id,
                                      node=ray.get_runtime_context().get_node_id())
-        except EdgebatchError as exc:
+        except EdgebatchError:
             for s in sinks:
                 s.close()
-            return {"error": exc.message, "status": exc.status}
-        return {"status": 201, "stream": self.status()}
+            raise
+        return self.status()
 
     def status(self) -> dict[str, Any]:
         return self.pipeline.status(self.stream_id)
@@ -181,15 +186,15 @@ class StreamReaderActor:
 class StreamsIngress:
     """The stream table: id -> reader actor. One replica (the table is its state)."""
 
-    def __init__(self, detector_app: str = "edgebatch", reader_num_cpus: float = 0.1) -> None:
+    def __init__(self, detector_app: str = DETECTOR_APP, reader_num_cpus: float = 0.1) -> None:
         self.detector_app = detector_app
         self.reader_num_cpus = reader_num_cpus
         self.streams: dict[str, Any] = {}
         self.requests: dict[str, dict[str, Any]] = {}
 
-    async def _detector_info(self) -> dict[str, Any]:
+    async def _detector_info(self) -> DetectorInfo:
         try:
-            handle = serve.get_deployment_handle("Detector", app_name=self.detector_app)
+            handle = serve.get_deployment_handle(DETECTOR_DEPLOYMENT, app_name=self.detector_app)
             return await asyncio.wait_for(handle.info.remote(), timeout=30)
         except Exception as exc:
             raise Unavailable(f"the detector application '{self.detector_app}' is not reachable ({exc}); "
@@ -198,39 +203,36 @@ class StreamsIngress:
     @api.post("/")
     async def create(self, request: Request) -> JSONResponse:
         try:
-            try:
-                data = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise BadRequest('body must be JSON like {"source": "/path/clip.mp4", "fps": 30}') from None
-            req = _parse_request(data)
-            info = await self._detector_info()
-            if req.model and req.model != info.get("model"):
-                raise BadRequest(f"model {req.model!r} is not served by '{self.detector_app}'; it serves "
-                                 f"{info.get('model')!r} (omit model or deploy that model)")
-            sid = req.id or uuid.uuid4().hex[:8]
-            if sid in self.streams:
-                raise BadRequest(f"stream id {sid!r} already exists; DELETE it first or pick another id")
-            options: dict[str, Any] = {"name": actor_name(sid), "namespace": ACTOR_NAMESPACE,
-                                       "num_cpus": self.reader_num_cpus}
-            if req.node:
-                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+            data = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadRequest('body must be JSON like {"source": "/path/clip.mp4", "fps": 30}') from None
+        req = _parse_request(data)
+        info = await self._detector_info()
+        if req.model and req.model != info.model:
+            raise BadRequest(f"model {req.model!r} is not served by '{self.detector_app}'; it serves "
+                             f"{info.model!r} (omit model or deploy that model)")
+        sid = req.id or uuid.uuid4().hex[:8]
+        if sid in self.streams:
+            raise BadRequest(f"stream id {sid!r} already exists; DELETE it first or pick another id")
+        options: dict[str, Any] = {"name": actor_name(sid), "namespace": ACTOR_NAMESPACE,
+                                   "num_cpus": self.reader_num_cpus}
+        if req.node:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-                node_id = resolve_node(req.node, ray.nodes())
-                options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
-            actor = StreamReaderActor.options(**options).remote(sid, self.detector_app, info)
-            try:
-                started = await asyncio.wait_for(actor.start.remote(req.model_dump()), timeout=120)
-            except Exception as exc:
-                ray.kill(actor)
-                raise Unavailable(f"the reader for stream {sid} did not start: {exc}") from None
-            if "error" in started:
-                ray.kill(actor)
-                raise EdgebatchError(started["error"], status=started["status"])
-            self.streams[sid] = actor
-            self.requests[sid] = req.model_dump()
-            return JSONResponse(started["stream"], status_code=201)
-        except EdgebatchError as exc:
-            return error_response(exc)
+            node_id = resolve_node(req.node, ray.nodes())
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+        actor = StreamReaderActor.options(**options).remote(sid, self.detector_app, info)
+        try:
+            started = await asyncio.wait_for(actor.start.remote(req.model_dump()), timeout=120)
+        except Exception as exc:
+            ray.kill(actor)
+            ours = as_edgebatch_error(exc)  # the source is unreadable, a sink path is bad: the client's to fix
+            if ours is not None:
+                raise ours from None
+            raise Unavailable(f"the reader for stream {sid} did not start: {exc}") from None
+        self.streams[sid] = actor
+        self.requests[sid] = req.model_dump()
+        return JSONResponse(started, status_code=201)
 
     async def _status(self, sid: str, actor: Any) -> dict[str, Any]:
         try:
@@ -253,17 +255,11 @@ class StreamsIngress:
 
     @api.get("/{stream_id}")
     async def show(self, stream_id: str) -> JSONResponse:
-        try:
-            return JSONResponse(await self._status(stream_id, self._actor(stream_id)))
-        except EdgebatchError as exc:
-            return error_response(exc)
+        return JSONResponse(await self._status(stream_id, self._actor(stream_id)))
 
     @api.delete("/{stream_id}")
     async def remove(self, stream_id: str) -> JSONResponse:
-        try:
-            actor = self._actor(stream_id)
-        except EdgebatchError as exc:
-            return error_response(exc)
+        actor = self._actor(stream_id)
         try:
             final = await asyncio.wait_for(actor.stop.remote(), timeout=30)
         except Exception as exc:
@@ -276,10 +272,7 @@ class StreamsIngress:
     @api.get("/{stream_id}/events")
     async def events(self, stream_id: str, cursor: int = 0) -> Any:
         """Server-sent events: one `frame` event per frame in order, then `end` with the reason."""
-        try:
-            actor = self._actor(stream_id)
-        except EdgebatchError as exc:
-            return error_response(exc)
+        actor = self._actor(stream_id)
 
         async def feed():
             pos = max(0, cursor)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from app.constants import valid_model_name
 from app.engines.base import ModelVariant
 from app.errors import BadRequest, EdgebatchError, NotFound, Unavailable
 from app.state import StateDir
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 EXPERIMENT = "edgebatch-model-repository"
 VARIANT_TAG = "edgebatch.variant."
 IN_USE_TAG = "edgebatch.in_use."
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 _SERVER_HINT = (
     "start one with `mlflow server --host 0.0.0.0 --port 5000 "
@@ -64,7 +64,7 @@ def _quiet_mlflow() -> None:
 
 def validate_name(name: str, what: str = "model name") -> str:
     """Names become registry keys, tag keys and cache folders: keep them to a safe charset."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not valid_model_name(name):
         raise BadRequest(
             f"{what} {name!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', starting "
             "with a letter or digit, with no '/', '\\' or '..' (e.g. yolov8n-320)"
