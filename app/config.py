@@ -68,7 +68,7 @@ class DetectorConfig(BaseModel):
         return sorted(set(v))
 
     @model_validator(mode="after")
-    def _max_in_range(self) -> "DetectorConfig":
+    def _max_in_range(self) -> DetectorConfig:
         if self.max_batch_size > max(self.batch_sizes):
             raise ValueError(
                 f"max_batch_size {self.max_batch_size} exceeds the largest variant in batch_sizes "

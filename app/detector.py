@@ -19,9 +19,10 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -56,7 +57,7 @@ class LoadedVariant:
     load_s: float = 0.0
     output_shape: tuple[int, ...] = ()
     instances: list[Engine] = field(default_factory=list)
-    _free: "queue.SimpleQueue[Engine]" = field(default_factory=queue.SimpleQueue, repr=False)
+    _free: queue.SimpleQueue[Engine] = field(default_factory=queue.SimpleQueue, repr=False)
 
     run_s: float = 0.0  # seconds per run, warm-up then a moving average: what padding would cost
     _state: threading.Condition = field(default_factory=threading.Condition, repr=False)
@@ -246,15 +247,15 @@ class DetectRequest:
     enqueued_at: float | None = None  # perf_counter() when it entered the replica's batcher
 
     @classmethod
-    def encoded(cls, body: bytes) -> "DetectRequest":
+    def encoded(cls, body: bytes) -> DetectRequest:
         return cls("encoded", bytes(body))
 
     @classmethod
-    def frame(cls, image: np.ndarray) -> "DetectRequest":
+    def frame(cls, image: np.ndarray) -> DetectRequest:
         return cls("frame", image)
 
     @classmethod
-    def tensor(cls, row: np.ndarray) -> "DetectRequest":
+    def tensor(cls, row: np.ndarray) -> DetectRequest:
         return cls("tensor", row)
 
 
@@ -304,7 +305,7 @@ class ItemResult:
     timings: StageTimings
     batch: BatchSummary
 
-    def unwrap(self) -> "ItemResult":
+    def unwrap(self) -> ItemResult:
         """The result itself, or its error raised: handles and ingresses pass errors as exceptions."""
         if self.error is not None:
             raise self.error
@@ -402,7 +403,10 @@ class Detector:
         self.batch_sizes = sorted(sizes)
 
     def set_resident_variants(self, n: int, max_batch_size: int) -> None:
+        """Trim to ``n`` resident variants, or (growing to two or more) load the smallest as ``setup`` does."""
         self.pool.set_max_resident(n, self.resident_preference(self.variant_for(max_batch_size)))
+        if n >= 2 and self.batch_sizes[0] not in self.pool.loaded:
+            self.pool.ensure(self.batch_sizes[0])
 
     def set_engine_instances(self, n: int) -> None:
         self.pool.set_instances(n)

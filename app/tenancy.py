@@ -91,7 +91,7 @@ class PlacementSpec(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _defaults(self) -> "PlacementSpec":
+    def _defaults(self) -> PlacementSpec:
         if self.name is None:
             self.name = self.tag
         if self.device is None and self.tag in DEFAULT_DEVICE_RESOURCE:
@@ -148,7 +148,7 @@ class TenantModel(BaseModel):
         return check_model_name(v)
 
     @model_validator(mode="after")
-    def _unique(self) -> "TenantModel":
+    def _unique(self) -> TenantModel:
         bad = {"model", "backend", "engine_instances", "version", "alias"} & set(self.user_config)
         if bad:
             raise ValueError(f"user_config must not set {sorted(bad)}: set them on the model or its placements")
@@ -177,7 +177,7 @@ class TenancyConfig(BaseModel):
     max_ongoing_requests: int = Field(64, ge=1, le=10000, description=">= max_batch_size x engine_instances")
 
     @model_validator(mode="after")
-    def _unique(self) -> "TenancyConfig":
+    def _unique(self) -> TenancyConfig:
         names = [m.name for m in self.models]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:

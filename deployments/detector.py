@@ -18,15 +18,16 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from ray import serve
 
 from app.config import DetectorConfig, parse_config
-from app.detector import DetectRequest, Detector, DetectorRetired, ItemResult, thresholds_of
-from app.errors import EdgebatchError, Unavailable
+from app.detector import Detector, DetectorRetired, DetectRequest, ItemResult, thresholds_of
+from app.errors import EdgebatchError, Unavailable, one_line
 from app.monitoring.appmetrics import AppMetrics
 from app.replica_status import ConfigRefusal, DetectorInfo, DetectorStats, LoadFailure, SwapRecord, VariantInfo
 from app.state import StateDir
@@ -153,10 +154,12 @@ class DetectorReplica:
             config = parse_config(DetectorConfig, user_config, "user_config")
             async with self._reconfigure_lock:
                 await self._apply_config(config)
-        except EdgebatchError as exc:
+        except Exception as exc:  # after a good config, nothing may escape: Serve would stop this replica
             if self._config is None:
                 raise
-            self._refuse(user_config, exc.message)
+            if not isinstance(exc, EdgebatchError):
+                log.exception("user_config could not be applied")
+            self._refuse(user_config, one_line(exc))
             return
         self._config_refused = None
         if config.alias and not config.version and config.alias_poll_s > 0 and self._alias_task is None:
@@ -184,10 +187,11 @@ class DetectorReplica:
                 detector.set_batch_sizes(config.batch_sizes)
             if old.max_batch_size != config.max_batch_size:
                 await loop.run_in_executor(None, detector.set_max_batch_size, config.max_batch_size)
+            if old.resident_variants != config.resident_variants:
+                await loop.run_in_executor(None, detector.set_resident_variants, config.resident_variants,
+                                           config.max_batch_size)
             if old.engine_instances != config.engine_instances:
                 await loop.run_in_executor(None, detector.set_engine_instances, config.engine_instances)
-            if old.resident_variants != config.resident_variants:
-                detector.set_resident_variants(config.resident_variants, config.max_batch_size)
             if any(getattr(old, f) != getattr(config, f) for f in THRESHOLD_FIELDS):
                 detector.set_thresholds(thresholds_of(config))
             if old.max_body_bytes != config.max_body_bytes:

@@ -18,8 +18,9 @@ the header.
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -30,7 +31,7 @@ from app.constants import onnx_type
 from app.errors import BadRequest, EdgebatchError, NotFound
 from app.layered.multimodel import ModelSource, MultiModelConfig, MultiModelHost
 from app.state import StateDir
-from deployments.http import error_response, read_body
+from deployments.http import install_error_handlers, read_body
 
 log = logging.getLogger("ray.serve")
 
@@ -38,6 +39,7 @@ MODEL_HEADER = "serve_multiplexed_model_id"
 MAX_BODY_BYTES = 64 * 1024 * 1024
 
 api = FastAPI(title="edgebatch multi-model", description="Many models under one memory budget")
+install_error_handlers(api)
 
 
 def registry_resolver(config: MultiModelConfig, state: StateDir) -> Callable[[str], ModelSource]:
@@ -116,30 +118,24 @@ class MultiModelDeployment:
     async def _infer(self, name: str, request: Request, version: str | None = None) -> Response:
         from app.oip import decode_infer_request, encode_infer_response
 
-        try:
-            body = await read_body(request, MAX_BODY_BYTES, "the multi-model body limit")
-            source, sig = await self._signature(name)
-            if version is not None and version != source.version:
-                raise NotFound(f"model {name} is served at version {source.version}, not {version}")
-            req = decode_infer_request(body, request.headers, sig)
-            outcome = await asyncio.wrap_future(self._require_host().submit(name, req.inputs))
-            payload, headers = encode_infer_response(name, source.version, outcome.outputs, req)
-            headers = {**headers, "X-Edgebatch-Mode": outcome.mode,
-                       "X-Edgebatch-Evicted": ",".join(outcome.evicted)}
-            return Response(content=payload, headers=headers,
-                            media_type=headers.get("Content-Type", "application/json"))
-        except EdgebatchError as exc:
-            return error_response(exc)
-        except (KeyError, ValueError) as exc:
-            return error_response(BadRequest(f"bad inference request for {name!r}: {exc}"))
+        body = await read_body(request, MAX_BODY_BYTES, "the multi-model body limit")
+        source, sig = await self._signature(name)
+        if version is not None and version != source.version:
+            raise NotFound(f"model {name} is served at version {source.version}, not {version}")
+        req = decode_infer_request(body, request.headers, sig)  # every client mistake is a BadRequest here
+        outcome = await asyncio.wrap_future(self._require_host().submit(name, req.inputs))
+        payload, headers = encode_infer_response(name, source.version, outcome.outputs, req)
+        headers = {**headers, "X-Edgebatch-Mode": outcome.mode,
+                   "X-Edgebatch-Evicted": ",".join(outcome.evicted)}
+        return Response(content=payload, headers=headers,
+                        media_type=headers.get("Content-Type", "application/json"))
 
     @api.post("/infer")
     async def infer(self, request: Request) -> Response:
         name = serve.get_multiplexed_model_id() or request.headers.get(MODEL_HEADER, "")
         if not name:
-            return error_response(BadRequest(
-                f"no model named: set the HTTP header {MODEL_HEADER}: NAME (or use "
-                "/v1/multi/v2/models/NAME/infer)"))
+            raise BadRequest(f"no model named: set the HTTP header {MODEL_HEADER}: NAME (or use "
+                             "/v1/multi/v2/models/NAME/infer)")
         return await self._infer(name, request)
 
     @api.post("/v2/models/{name}/infer")
@@ -151,10 +147,7 @@ class MultiModelDeployment:
     async def v2_model(self, name: str) -> Response:
         from app.oip import model_metadata
 
-        try:
-            _, sig = await self._signature(name)
-        except EdgebatchError as exc:
-            return error_response(exc)
+        _, sig = await self._signature(name)
         return JSONResponse(model_metadata(sig))
 
     @api.get("/v2/health/ready")

@@ -16,7 +16,8 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import numpy as np
 import ray

@@ -208,7 +208,7 @@ class ModelRepository:
         self._init_lock = threading.Lock()
 
     @classmethod
-    def from_env(cls, state: StateDir | None = None) -> "ModelRepository":
+    def from_env(cls, state: StateDir | None = None) -> ModelRepository:
         """``MLFLOW_TRACKING_URI`` if set, else SQLite in ``$EDGEBATCH_HOME`` (or ``./.edgebatch``)."""
         return cls(os.environ.get("MLFLOW_TRACKING_URI") or None, state=state or StateDir.default())
 
@@ -275,7 +275,7 @@ class ModelRepository:
                 else:
                     client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
                     client.search_registered_models(max_results=1)
-            except Exception as exc:  # noqa: BLE001 - any failure here means "registry not usable"
+            except Exception as exc:  # any error: any failure here means "registry not usable"
                 raise self._unavailable(exc) from None
             self._client = client
         return self._client
@@ -315,7 +315,7 @@ class ModelRepository:
         for attempt in range(attempts):
             try:
                 return fn()
-            except Exception as exc:  # noqa: BLE001 - filtered just below
+            except Exception as exc:  # any error: filtered just below
                 if attempt == attempts - 1 or not _is_transient_write_error(exc):
                     raise
                 log.info("%s lost a race (%s); retrying", what, exc)

@@ -20,8 +20,8 @@ import pytest
 from app.detector import VariantPool
 from app.engines.base import ModelVariant
 from deployments.controller import (
-    ControlLoop,
     ControllerConfig,
+    ControlLoop,
     observation_from_promql,
     observation_from_stats,
 )
@@ -452,7 +452,7 @@ class Load:
                 except httpx.HTTPError as exc:
                     self.errors.append(repr(exc))
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for t in self.threads:
             t.start()
         return self

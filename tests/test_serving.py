@@ -136,7 +136,8 @@ def test_serve_deploy_user_config_change_keeps_replica_and_applies_batch_size(se
 
     def burst():
         with cf.ThreadPoolExecutor(8) as pool:
-            return [r.json()["items_in_batch"] for r in pool.map(lambda _: httpx.post(f"{url}/v1/detect", content=jpeg, timeout=60), range(8))]
+            replies = pool.map(lambda _: httpx.post(f"{url}/v1/detect", content=jpeg, timeout=60), range(8))
+            return [r.json()["items_in_batch"] for r in replies]
 
     assert max(burst()) == 1
     uc.update({"max_batch_size": 8, "batch_wait_timeout_s": 0.2})

@@ -9,10 +9,10 @@ over this).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
-from app.detector import DetectRequest, Detector
+from app.detector import Detector, DetectRequest
 
 
 @dataclass

@@ -62,7 +62,7 @@ class ClosedLoop:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
-    def start(self) -> "ClosedLoop":
+    def start(self) -> ClosedLoop:
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="bench-adapt-load", daemon=True)
         self._thread.start()
         return self

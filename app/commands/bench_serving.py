@@ -10,7 +10,8 @@ from app.config import DetectorConfig
 from app.errors import ConfigError, Unavailable
 from app.readiness import require_ready
 
-ENGINE_COLUMNS = [("batch_size", "batch"), ("images_per_s", "images/s"), ("p50_ms", "batch p50 ms"), ("p99_ms", "batch p99 ms"), ("images", "images")]
+ENGINE_COLUMNS = [("batch_size", "batch"), ("images_per_s", "images/s"), ("p50_ms", "batch p50 ms"), ("p99_ms", "batch p99 ms"),
+                  ("images", "images")]
 HTTP_COLUMNS = [
     ("batch_size", "batch"), ("clients", "clients"), ("images_per_s", "http images/s"), ("p50_ms", "p50 ms"),
     ("p99_ms", "p99 ms"), ("failed", "failed"), ("bare_images_per_s", "bare images/s"), ("ratio", "http/bare"),

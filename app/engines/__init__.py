@@ -15,7 +15,6 @@ from app.constants import BACKENDS
 from app.engines.base import Engine, ModelVariant, run_padded
 from app.errors import ConfigError, Unavailable
 
-
 __all__ = ["BACKENDS", "Engine", "ModelVariant", "available_backends", "create_engine", "new_engine", "run_padded"]
 
 

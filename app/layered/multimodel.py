@@ -369,7 +369,7 @@ class MultiModelHost:
                             f"{self.memory.budget_bytes / 1e6:.1f} MB", needed_bytes=need,
                             budget_bytes=self.memory.budget_bytes)
                     candidates[pending.request_id] = (pending, hosted)
-                except Exception as exc:  # noqa: BLE001 - the request fails, the host goes on
+                except Exception as exc:  # any error: the request fails, the host goes on
                     self._finish(pending, exc)
             if not candidates:
                 return True
@@ -391,7 +391,7 @@ class MultiModelHost:
             pending, hosted = candidates[chosen]
             try:
                 outcome = self._serve(pending, hosted)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # any error: the request fails, the host goes on
                 self._finish(pending, exc)
             else:
                 outcome.evicted = made_room + outcome.evicted

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -173,7 +173,7 @@ class StreamPipeline:
         self._started = False
 
     # -- control -----------------------------------------------------------
-    def start(self) -> "StreamPipeline":
+    def start(self) -> StreamPipeline:
         if not self._started:
             self._started = True
             for t in self._threads:
