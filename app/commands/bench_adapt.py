@@ -164,7 +164,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     if APP_NAME not in serve.status().applications:
         raise Unavailable(f"the batch controller ({APP_NAME}) is not deployed; it is in deployments/serve_config.yaml")
     controller = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP_NAME)
-    detector = serve.get_deployment_handle("Detector", app_name="edgebatch")
+    from app.constants import DETECTOR_APP, DETECTOR_DEPLOYMENT
+
+    detector = serve.get_deployment_handle(DETECTOR_DEPLOYMENT, app_name=DETECTOR_APP)
     try:
         httpx.get(f"{base}/v2/health/ready", timeout=10).raise_for_status()
     except httpx.HTTPError as exc:

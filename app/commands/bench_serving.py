@@ -127,7 +127,9 @@ def cmd_http(args: argparse.Namespace) -> int:
                               "(or pass --external --url for another server)")
         from ray import serve
 
-        handle = serve.get_deployment_handle("Detector", app_name=launcher.APP_NAME)
+        from app.constants import DETECTOR_APP, DETECTOR_DEPLOYMENT
+
+        handle = serve.get_deployment_handle(DETECTOR_DEPLOYMENT, app_name=DETECTOR_APP)
 
     bare: dict[int, float] = {}
     if not args.no_bare:
