@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.constants import CONTROLLER_APP, CONTROLLER_DEPLOYMENT, DETECTOR_DEPLOYMENT
 from app.errors import BadRequest, NotFound, Unavailable, one_line
 from policies.batch_size import (
     DEFAULT_POLICY,
@@ -40,8 +41,8 @@ from policies.batch_size import (
 
 log = logging.getLogger("ray.serve")
 
-APP_NAME = "edgebatch-controller"
-DEPLOYMENT_NAME = "BatchController"
+APP_NAME = CONTROLLER_APP  # defined once in app.constants; these names are what the CLI imports
+DEPLOYMENT_NAME = CONTROLLER_DEPLOYMENT
 MANUAL = "manual"
 POLICY_CHOICES = (MANUAL, *sorted(POLICIES))
 # PolicyConfig fields an operator may set with `edgebatch batch auto ... --param k=v`
@@ -52,7 +53,7 @@ class DetectorTarget(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     app: str = Field(..., description="Serve application that holds the detector")
-    deployment: str = "Detector"
+    deployment: str = DETECTOR_DEPLOYMENT
 
 
 class ControllerConfig(BaseModel):
@@ -587,8 +588,8 @@ class BatchController:
         if self._config.detectors:
             return [(d.app, d.deployment) for d in self._config.detectors]
         status = serve.status()
-        return [(app_name, "Detector") for app_name, app in status.applications.items()
-                if "Detector" in app.deployments and str(getattr(app.status, "value", app.status)) == "RUNNING"]
+        return [(app_name, DETECTOR_DEPLOYMENT) for app_name, app in status.applications.items()
+                if DETECTOR_DEPLOYMENT in app.deployments and str(getattr(app.status, "value", app.status)) == "RUNNING"]
 
     async def _clients(self) -> dict[str, _HandleClient]:
         """Detector clients by app (``app/deployment`` for a deployment not called Detector); the model each
@@ -601,7 +602,7 @@ class BatchController:
             if handle is None:
                 handle = serve.get_deployment_handle(deployment, app_name=app)
                 self._handles[(app, deployment)] = handle
-            clients[app if deployment == "Detector" else f"{app}/{deployment}"] = _HandleClient(handle)
+            clients[app if deployment == DETECTOR_DEPLOYMENT else f"{app}/{deployment}"] = _HandleClient(handle)
         return clients
 
     def _export(self, ctl: DetectorControl, entry: dict[str, Any]) -> None:

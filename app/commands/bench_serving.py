@@ -20,7 +20,7 @@ HTTP_COLUMNS = [
 
 
 def add_serving_benches(bsub: argparse._SubParsersAction) -> None:
-    p = bsub.add_parser("engine", help="images/s and latency per batch size for the bare pipeline in one process")
+    p = bsub.add_parser("engine", help="images/s and latency per batch size for the replica's batch handler in one process")
     p.add_argument("--model", default="demo-detector")
     p.add_argument("--batch-sizes", default="1,2,4,8,16")
     p.add_argument("--batches", type=int, default=30, help="measured batches per size (after 3 warm-up batches)")
@@ -78,7 +78,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
     best = max(rows, key=lambda r: r["images_per_s"])
     report = BenchReport("engine", ENGINE_COLUMNS, rows)
     report.notes.append(f"model {resolved.name} v{resolved.version}, input {resolved.input_size}, 1280x720 JPEG frames, "
-                        "decode+letterbox+engine+NMS sequentially in one thread")
+                        "Detector.handle_batch (the replica's batch handler: decode+letterbox, engine, NMS), one batch after another")
     report.summary = {"best_batch_size": best["batch_size"], "best_images_per_s": round(best["images_per_s"], 2)}
     report.emit(args.json)
     return 0
