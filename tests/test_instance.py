@@ -5,7 +5,6 @@ Ray-free: these run in milliseconds. The real two-instance run is tests/test_sid
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import stat
@@ -16,8 +15,7 @@ import pytest
 from app.cli import main
 from app.config import DetectorConfig
 from app.errors import ConfigError, Unavailable
-from app.instance import (InstancePorts, InstanceRecord, ensure_ray_token, plan_ports, ray_auth_env,
-                          recorded_http_url)
+from app.instance import InstancePorts, InstanceRecord, ensure_ray_token, plan_ports, ray_auth_env, recorded_http_url
 from app.state import StateDir
 from deployments import config_file
 from deployments.status import cause_line

@@ -232,7 +232,6 @@ def test_cli_says_plainly_when_the_app_is_not_running(capsys):
 # -- on Ray: the edgebatch-streams application ---------------------------------------------------
 @pytest.fixture(scope="module")
 def streams_url(deploy_apps, serve_app, state):
-    from deployments import launcher
     from deployments.config_file import load_serve_config
 
     config = load_serve_config(None, state, port=serve_app["port"])

@@ -33,7 +33,8 @@ def add_serving_benches(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per batch size")
     p.add_argument("--warmup", type=float, default=2.0)
-    p.add_argument("--url", default=None, help="base URL of the running app (default: the address `edgebatch up` recorded for this instance)")
+    p.add_argument("--url", default=None,
+                   help="base URL of the running app (default: the address `edgebatch up` recorded for this instance)")
     p.add_argument("--protocol", choices=["v1", "v2"], default="v1", help="v1: JPEG to /v1/detect; v2: tensors to /v2 infer")
     p.add_argument("--external", action="store_true", help="target is not edgebatch (e.g. Triton): do not set batch sizes")
     p.add_argument("--no-bare", action="store_true", help="skip the bare-pipeline reference run")
@@ -96,7 +97,7 @@ def _load_or_fail(url: str, bodies: list, args: argparse.Namespace):
 
 
 def cmd_http(args: argparse.Namespace) -> int:
-    from app.bench.http_client import run_load, v2_body
+    from app.bench.http_client import v2_body
     from app.bench.images import sample_jpegs
 
     sizes = parse_sizes(args.batch_sizes)
@@ -120,7 +121,7 @@ def cmd_http(args: argparse.Namespace) -> int:
 
     handle = None
     if not args.external:
-        from deployments import cluster, launcher
+        from deployments import cluster
 
         if not cluster.ray_running():
             raise Unavailable("no edgebatch instance is running here; start it with `edgebatch up` "
