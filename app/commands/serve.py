@@ -16,8 +16,15 @@ import time
 from pathlib import Path
 
 from app.errors import ConfigError, Unavailable
-from app.instance import (RAY_AUTH_MODE_ENV, RAY_AUTH_TOKEN_PATH_ENV, InstancePorts, InstanceRecord, ensure_ray_token,
-                          plan_ports, ray_auth_env)
+from app.instance import (
+    RAY_AUTH_MODE_ENV,
+    RAY_AUTH_TOKEN_PATH_ENV,
+    InstancePorts,
+    InstanceRecord,
+    ensure_ray_token,
+    plan_ports,
+    ray_auth_env,
+)
 from app.readiness import wait_ready
 from app.state import StateDir
 
@@ -146,9 +153,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         wait_ready(base, timeout_s=60)
     except BaseException as exc:
         if started:  # a failed first `up` leaves no Ray process behind
-            from deployments import cluster
-
             import ray
+
+            from deployments import cluster
 
             ray.shutdown()
             cluster.stop_local(state)
