@@ -250,7 +250,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _print_detector(det: dict) -> None:
-    print(f"  model {det['model']} v{det['version']} (alias {det['alias']}, backend {det['backend']})")
+    follows = f"pinned version {det['pinned_version']}" if det.get("pinned_version") else f"alias {det['alias']}"
+    print(f"  model {det['model']} v{det['version']} ({follows}, backend {det['backend']})")
     print(f"  batch: max {det['max_batch_size']}, wait {det['batch_wait_timeout_s']} s; "
           f"loaded variants {list(det['loaded_variants'])}; batches seen {det['batch_sizes_seen']}")
     refused = det.get("config_refused")
