@@ -7,16 +7,13 @@ in the Serve config and running ``serve deploy`` again reconfigures live replica
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from app.constants import Backend, check_model_name
 from app.errors import ConfigError
 from app.imaging import DEFAULT_MAX_IMAGE_PIXELS
-
-Backend = Literal["onnx", "tensorrt", "tflite", "edgetpu"]
-MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class DetectorConfig(BaseModel):
@@ -56,9 +53,7 @@ class DetectorConfig(BaseModel):
     @field_validator("model")
     @classmethod
     def _model_name(cls, v: str) -> str:
-        if not MODEL_NAME_RE.match(v) or ".." in v:
-            raise ValueError("must be letters, digits, '_', '-', '.'; no path separators or '..'")
-        return v
+        return check_model_name(v)
 
     @field_validator("version", mode="before")
     @classmethod
@@ -78,7 +73,7 @@ class DetectorConfig(BaseModel):
         return sorted(set(v))
 
     @model_validator(mode="after")
-    def _max_in_range(self) -> "DetectorConfig":
+    def _max_in_range(self) -> DetectorConfig:
         if self.max_batch_size > max(self.batch_sizes):
             raise ValueError(
                 f"max_batch_size {self.max_batch_size} exceeds the largest variant in batch_sizes "

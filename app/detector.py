@@ -1,8 +1,10 @@
-"""The detector as named hooks (in the manner of LitServe's LitAPI).
+"""The detector's one batch handler (LitServe's loop): ``Detector.handle_batch(items) -> results``.
 
-``decode_request`` (pre-process) -> ``batch`` -> ``predict`` (engine) ->
-``unbatch`` (decode boxes + NMS) -> ``encode_response``. The Ray Serve
-deployment only schedules these hooks; everything here runs without Ray.
+Every path (HTTP v1 and v2, streams, tenancy, ``edgebatch bench engine``) hands a
+formed batch of ``DetectRequest`` items to ``handle_batch``: pre-processing, the
+engine, post-processing and the timings each happen there once. A bad item gets an
+error result of its own; a failure of the whole batch (the engine) raises. The Ray
+Serve deployment only forms batches and schedules this call; nothing here needs Ray.
 
 Variants: one engine per fixed batch size. ``VariantPool`` keeps a few
 resident, picks the smallest loaded one that holds a formed batch, and swaps
@@ -13,22 +15,29 @@ batch is routed to it.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 
 from app.config import DetectorConfig
 from app.engines.base import Engine, ModelVariant, run_padded
-from app.errors import EdgebatchError, PayloadTooLarge, Unavailable
-from app.pipeline import Detection, PreparedImage, postprocess, prepare, stack
+from app.errors import BadRequest, EdgebatchError, PayloadTooLarge, Unavailable
+from app.pipeline import Detection, Letterbox, Postprocessor, PostprocessSettings, prepare
 
 log = logging.getLogger(__name__)
 
 VariantLoader = Callable[[int], tuple[Engine, ModelVariant]]
+
+
+class DetectorRetired(Unavailable):
+    """A batch reached a Detector that a model swap had just closed; the replica re-runs it on the new one."""
 
 
 class VariantRetired(Exception):
@@ -48,7 +57,7 @@ class LoadedVariant:
     load_s: float = 0.0
     output_shape: tuple[int, ...] = ()
     instances: list[Engine] = field(default_factory=list)
-    _free: "queue.SimpleQueue[Engine]" = field(default_factory=queue.SimpleQueue, repr=False)
+    _free: queue.SimpleQueue[Engine] = field(default_factory=queue.SimpleQueue, repr=False)
 
     run_s: float = 0.0  # seconds per run, warm-up then a moving average: what padding would cost
     _state: threading.Condition = field(default_factory=threading.Condition, repr=False)
@@ -110,6 +119,7 @@ class VariantPool:
         self.instances = instances
         self._loaded: dict[int, LoadedVariant] = {}
         self._lock = threading.Lock()  # serialises loads, not inference
+        self.closed = False
 
     @property
     def loaded(self) -> dict[int, LoadedVariant]:
@@ -124,25 +134,47 @@ class VariantPool:
             current = self._loaded.get(batch_size)
             if current is not None:
                 return current
-            t0 = time.perf_counter()
-            try:
-                engines: list[Engine] = []
-                for _ in range(self.instances):
-                    engine, variant = self._loader(batch_size)
-                    engines.append(engine)
-                    warm = np.zeros(engine.input_shape, dtype=np.float32)
-                    out_shape = tuple(int(d) for d in engine.run(warm)[0].shape)
-                t_run = time.perf_counter()
-                engines[0].run(warm)  # the first run pays one-off allocations; time a second one, once
-                run_s = time.perf_counter() - t_run
-            except EdgebatchError:
-                raise
-            except (MemoryError, RuntimeError, OSError) as exc:
-                raise Unavailable(f"could not load the batch-{batch_size} variant: {exc}") from exc
-            lv = LoadedVariant(engines[0], variant, load_s=time.perf_counter() - t0, output_shape=out_shape,
-                               instances=engines, run_s=run_s)
+            lv = self._load(batch_size, self.instances)
             self._loaded = {**self._loaded, batch_size: lv}  # atomic publish
             return lv
+
+    def _load(self, batch_size: int, instances: int) -> LoadedVariant:
+        t0 = time.perf_counter()
+        engines: list[Engine] = []
+        try:
+            for _ in range(instances):
+                engine, variant = self._loader(batch_size)
+                engines.append(engine)
+                warm = np.zeros(engine.input_shape, dtype=np.float32)
+                out_shape = tuple(int(d) for d in engine.run(warm)[0].shape)
+            t_run = time.perf_counter()
+            engines[0].run(warm)  # the first run pays one-off allocations; time a second one, once
+            run_s = time.perf_counter() - t_run
+        except EdgebatchError:
+            _close_all(engines)
+            raise
+        except (MemoryError, RuntimeError, OSError) as exc:
+            _close_all(engines)
+            raise Unavailable(f"could not load the batch-{batch_size} variant: {exc}") from exc
+        return LoadedVariant(engines[0], variant, load_s=time.perf_counter() - t0, output_shape=out_shape,
+                             instances=engines, run_s=run_s)
+
+    def set_instances(self, instances: int) -> None:
+        """Engine instances per variant (concurrent batches): each resident variant is reloaded with
+        that many beside the serving one, published, and the old one closed once its batches are done."""
+        with self._lock:
+            if instances == self.instances:
+                return
+            for size, old in sorted(self._loaded.items()):
+                fresh = self._load(size, instances)  # raises before anything changed for this size
+                self._loaded = {**self._loaded, size: fresh}
+                _close_later([old])
+            self.instances = instances
+
+    def set_max_resident(self, max_resident: int, keep: Sequence[int]) -> None:
+        """How many variants may stay loaded; the ones past the limit (by ``keep`` order) are closed."""
+        self.max_resident = max_resident
+        _close_later(self.retire(keep))
 
     def pick(self, n: int) -> LoadedVariant:
         """Smallest resident variant that holds ``n`` items, else the largest resident one."""
@@ -183,23 +215,135 @@ class VariantPool:
             return gone
 
     def close(self) -> None:
+        self.closed = True
         for lv in self.retire([]):
             lv.close()
 
 
-@dataclass
-class BatchResult:
-    """What one item of a batch gets back: detections or its own error, plus timings."""
+def _close_all(engines: Sequence[Engine]) -> None:
+    for e in engines:
+        e.close()
+
+
+def _close_later(variants: Sequence[LoadedVariant]) -> None:
+    """Close retired variants off the caller's thread: each close waits for its in-flight batches."""
+    for lv in variants:
+        threading.Thread(target=lv.close, name="edgebatch-retire", daemon=True).start()
+
+
+
+
+# -- what crosses the batch handler ---------------------------------------------------------------
+RequestKind = Literal["encoded", "frame", "tensor"]
+
+
+@dataclass(frozen=True)
+class DetectRequest:
+    """One item of a batch: an encoded image (JPEG/PNG bytes), a decoded BGR uint8 frame (H, W, 3),
+    or a v2 input row (3, H, W) float32 that is already letterboxed and gets its raw output back."""
+
+    kind: RequestKind
+    data: bytes | np.ndarray
+    enqueued_at: float | None = None  # perf_counter() when it entered the replica's batcher
+
+    @classmethod
+    def encoded(cls, body: bytes) -> DetectRequest:
+        return cls("encoded", bytes(body))
+
+    @classmethod
+    def frame(cls, image: np.ndarray) -> DetectRequest:
+        return cls("frame", image)
+
+    @classmethod
+    def tensor(cls, row: np.ndarray) -> DetectRequest:
+        return cls("tensor", row)
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    """Seconds one item spent in each stage; ``inference_s`` is its whole batch's engine time."""
+
+    queue_s: float = 0.0
+    preprocess_s: float = 0.0
+    inference_s: float = 0.0
+    postprocess_s: float = 0.0
+
+    def to_ms(self) -> dict[str, float]:
+        return {"queue": round(self.queue_s * 1000, 3), "preprocess": round(self.preprocess_s * 1000, 3),
+                "inference": round(self.inference_s * 1000, 3), "postprocess": round(self.postprocess_s * 1000, 3)}
+
+
+@dataclass(frozen=True)
+class ServedVariant:
+    """Which model version and fixed-batch variant ran an item."""
+
+    model: str
+    version: str
+    backend: str
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    """The batch an item ran in: its size, the variant, and each stage's wall time for the whole batch."""
+
+    items: int
+    variant: ServedVariant | None
+    queue_s: float = 0.0  # mean over the batch's items
+    preprocess_s: float = 0.0
+    inference_s: float = 0.0
+    postprocess_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """What one item gets back: detections (or the raw output row of a tensor item), or its own error."""
 
     detections: list[Detection] | None
+    output: np.ndarray | None
     error: EdgebatchError | None
-    variant: ModelVariant | None
-    batch_size: int
-    timings: dict[str, float]
+    timings: StageTimings
+    batch: BatchSummary
+
+    def unwrap(self) -> ItemResult:
+        """The result itself, or its error raised: handles and ingresses pass errors as exceptions."""
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def to_json(self) -> dict:
+        """The ``/v1/detect`` reply body."""
+        v = self.batch.variant
+        return {
+            "model": v.model if v else None,
+            "version": v.version if v else None,
+            "backend": v.backend if v else None,
+            "batch_size": v.batch_size if v else None,
+            "items_in_batch": self.batch.items,
+            "detections": [d.to_json() for d in (self.detections or [])],
+            "timings_ms": self.timings.to_ms(),
+        }
+
+
+@dataclass
+class _Prepared:
+    """An item after pre-processing: its model input row, or why it has none."""
+
+    tensor: np.ndarray | None
+    letterbox: Letterbox | None
+    preprocess_s: float
+    error: EdgebatchError | None = None
+
+
+def check_batch_results(items: Sequence[object], results: Sequence[object]) -> None:
+    """The batch-length contract at the boundary (Ray Serve's ``_validate_results``): one result per item."""
+    if len(results) != len(items):
+        raise EdgebatchError(f"the batch handler returned {len(results)} results for {len(items)} requests; "
+                             "this is a server bug, please report it")
 
 
 class Detector:
-    """The pipeline hooks for one model; owned by a deployment replica or a local process."""
+    """One model version: its variant pool, pre- and post-processing, and the batch handler."""
 
     def __init__(
         self,
@@ -208,46 +352,154 @@ class Detector:
         *,
         labels: Sequence[str],
         input_size: tuple[int, int],
+        model: str = "",
+        version: str = "",
     ) -> None:
-        self.config = config
+        self.model = model or config.model
+        self.version = version
         self.labels = list(labels)
         self.input_size = input_size
+        self.batch_sizes = list(config.batch_sizes)
+        self.max_body_bytes = config.max_body_bytes
+        self.max_image_pixels = config.max_image_pixels
         self.pool = VariantPool(loader, max_resident=config.resident_variants, instances=config.engine_instances)
+        self.post = Postprocessor(labels, thresholds_of(config))
+        self._cpu = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
+                                       thread_name_prefix="edgebatch-cpu")
 
     # -- lifecycle -------------------------------------------------------
-    def setup(self, batch_size: int | None = None) -> LoadedVariant:
-        """Load and warm the variant for the configured max batch size, plus the smallest one when two
-        may stay resident (so a lone request is not padded to the full batch)."""
-        lv = self.pool.ensure(self.config.variant_for(batch_size or self.config.max_batch_size))
-        smallest = self.config.batch_sizes[0]
+    def variant_for(self, n: int) -> int:
+        """Smallest allowed variant batch size that holds ``n`` items."""
+        return next((s for s in self.batch_sizes if s >= n), self.batch_sizes[-1])
+
+    def setup(self, max_batch_size: int) -> LoadedVariant:
+        """Load and warm the variant for ``max_batch_size``, plus the smallest one when two may stay
+        resident (so a lone request is not padded to the full batch)."""
+        lv = self.pool.ensure(self.variant_for(max_batch_size))
+        smallest = self.batch_sizes[0]
         if self.pool.max_resident >= 2 and smallest not in self.pool.loaded:
             self.pool.ensure(smallest)
         return lv
 
+    def close(self) -> None:
+        self.pool.close()
+        self._cpu.shutdown(wait=False)
+
     def resident_preference(self, target: int) -> list[int]:
         """Which variants to keep when trimming: the target, the smallest, then the nearest others."""
-        smallest = self.config.batch_sizes[0]
+        smallest = self.batch_sizes[0]
         others = sorted((s for s in self.pool.loaded if s not in (target, smallest)), key=lambda s: abs(s - target))
         return [target, smallest, *others] if smallest != target else [target, *others]
 
-    # -- hooks -----------------------------------------------------------
-    def decode_request(self, body: bytes) -> PreparedImage:
-        if len(body) > self.config.max_body_bytes:
+    # -- knobs (each owned here or by the object named) --------------------
+    def set_max_batch_size(self, n: int) -> None:
+        """Load the variant that holds ``n`` beside the others (raises, changing nothing, if it cannot),
+        then trim the resident set to the preference around it."""
+        target = self.variant_for(n)
+        self.pool.ensure(target)
+        _close_later(self.pool.retire(self.resident_preference(target)))
+
+    def set_batch_sizes(self, sizes: Sequence[int]) -> None:
+        """Which variants may be loaded; resident ones stay until the resident set is next trimmed."""
+        self.batch_sizes = sorted(sizes)
+
+    def set_resident_variants(self, n: int, max_batch_size: int) -> None:
+        """Trim to ``n`` resident variants, or (growing to two or more) load the smallest as ``setup`` does."""
+        self.pool.set_max_resident(n, self.resident_preference(self.variant_for(max_batch_size)))
+        if n >= 2 and self.batch_sizes[0] not in self.pool.loaded:
+            self.pool.ensure(self.batch_sizes[0])
+
+    def set_engine_instances(self, n: int) -> None:
+        self.pool.set_instances(n)
+
+    def set_thresholds(self, settings: PostprocessSettings) -> None:
+        self.post.set_thresholds(settings)
+
+    def set_max_body_bytes(self, n: int) -> None:
+        self.max_body_bytes = n
+
+    def set_max_image_pixels(self, n: int) -> None:
+        """Images whose header declares more pixels get a 400 before any pixel is decoded."""
+        self.max_image_pixels = n
+
+    # -- the batch handler ---------------------------------------------------
+    def handle_batch(self, items: Sequence[DetectRequest]) -> list[ItemResult]:
+        """Pre-process every item, run the engine once over the good rows, post-process, time it.
+
+        A bad item (not an image, too large, wrong shape) gets an error result of its own and never
+        fails the others; an engine failure raises for the whole batch."""
+        t_start = time.perf_counter()
+        try:
+            prepared = list(self._cpu.map(self._prepare, items)) if len(items) > 1 else [self._prepare(items[0])]
+        except RuntimeError:  # "cannot schedule new futures after shutdown": closed by a swap
+            if self.pool.closed:
+                raise DetectorRetired("this model version was swapped out under the batch") from None
+            raise
+        t_inf = time.perf_counter()
+        good = [i for i, p in enumerate(prepared) if p.error is None]
+        output, variant = None, None
+        if good:
+            batch = np.ascontiguousarray(np.stack([prepared[i].tensor for i in good]), dtype=np.float32)
+            output, lv = self.predict(batch)
+            if output.shape[0] != len(good):
+                raise EdgebatchError(f"the engine returned {output.shape[0]} rows for a batch of {len(good)}; "
+                                     "this is a server bug, please report it")
+            variant = ServedVariant(self.model, self.version, lv.variant.backend, lv.batch_size)
+        t_post = time.perf_counter()
+        boxed = [k for k, i in enumerate(good) if items[i].kind != "tensor"]
+        dets = self.post.decode(output[boxed], [prepared[good[k]].letterbox for k in boxed]) if boxed else []
+        t_end = time.perf_counter()
+        queued = [_queued(it, t_start) for it in items]
+        summary = BatchSummary(len(items), variant, sum(queued) / len(items), t_inf - t_start, t_post - t_inf,
+                               t_end - t_post)
+        post_share = summary.postprocess_s / max(1, len(boxed))
+        dets_by_row = dict(zip(boxed, dets))
+        row_of = {i: k for k, i in enumerate(good)}
+        results: list[ItemResult] = []
+        for i, (item, p) in enumerate(zip(items, prepared)):
+            if p.error is not None:
+                results.append(ItemResult(None, None, p.error, StageTimings(queued[i], p.preprocess_s), summary))
+                continue
+            k = row_of[i]
+            is_tensor = item.kind == "tensor"
+            results.append(ItemResult(
+                detections=None if is_tensor else dets_by_row[k],
+                output=output[k] if is_tensor else None,  # type: ignore[index]  # good rows imply an output
+                error=None,
+                timings=StageTimings(queued[i], p.preprocess_s, summary.inference_s, 0.0 if is_tensor else post_share),
+                batch=summary,
+            ))
+        check_batch_results(items, results)
+        return results
+
+    def _prepare(self, item: DetectRequest) -> _Prepared:
+        t0 = time.perf_counter()
+        try:
+            tensor, letterbox = self._preprocess(item)
+        except EdgebatchError as exc:
+            return _Prepared(None, None, time.perf_counter() - t0, exc)
+        return _Prepared(tensor, letterbox, time.perf_counter() - t0)
+
+    def _preprocess(self, item: DetectRequest) -> tuple[np.ndarray, Letterbox | None]:
+        if item.kind == "tensor":
+            row = np.asarray(item.data)
+            want = (3, *self.input_size)
+            if row.shape != want:
+                raise BadRequest(f"input row has shape {list(row.shape)}; this model takes {list(want)}")
+            return row.astype(np.float32, copy=False), None
+        if item.kind == "encoded" and len(item.data) > self.max_body_bytes:
             raise PayloadTooLarge(
-                f"body of {len(body)} bytes exceeds max_body_bytes={self.config.max_body_bytes}; "
+                f"body of {len(item.data)} bytes exceeds max_body_bytes={self.max_body_bytes}; "
                 "send a smaller image or raise max_body_bytes in the deployment's user_config"
             )
-        t0 = time.perf_counter()
-        item = prepare(body, self.input_size, max_pixels=self.config.max_image_pixels)
-        item.timings["preprocess_s"] = time.perf_counter() - t0
-        return item
-
-    def batch(self, items: Sequence[PreparedImage]) -> np.ndarray:
-        return stack(items)
+        prepared = prepare(item.data, self.input_size, max_pixels=self.max_image_pixels)
+        return prepared.tensor, prepared.letterbox
 
     def predict(self, batch: np.ndarray) -> tuple[np.ndarray, LoadedVariant]:
         """Run the batch; returns the output and the (largest) variant that ran it."""
         for _ in range(8):  # a swap retires at most a few variants; each retry sees the newer publish
+            if self.pool.closed:
+                raise DetectorRetired("this model version was swapped out under the batch")
             runs = self.pool.plan(batch.shape[0])
             try:
                 return self._predict_on(runs, batch), max(runs, key=lambda lv: lv.batch_size)
@@ -262,50 +514,13 @@ class Detector:
         for lv in runs:
             outs.append(lv.run(batch[start : start + lv.batch_size])[0])
             start += lv.batch_size
-        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
+        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)[: batch.shape[0]]
 
-    def unbatch(self, output: np.ndarray, items: Sequence[PreparedImage]) -> list[list[Detection]]:
-        c = self.config
-        return postprocess(
-            output,
-            [it.letterbox for it in items],
-            self.labels,
-            conf=c.conf_threshold,
-            iou=c.iou_threshold,
-            max_det=c.max_detections,
-            layout=c.layout,
-        )
 
-    def encode_response(self, result: BatchResult) -> dict:
-        v = result.variant
-        return {
-            "model": v.name if v else self.config.model,
-            "version": v.version if v else None,
-            "backend": v.backend if v else self.config.backend,
-            "batch_size": result.batch_size,
-            "detections": [d.to_json() for d in (result.detections or [])],
-            "timings_ms": {k.removesuffix("_s"): round(val * 1000, 3) for k, val in result.timings.items()},
-        }
+def _queued(item: DetectRequest, t_start: float) -> float:
+    return max(t_start - item.enqueued_at, 0.0) if item.enqueued_at is not None else 0.0
 
-    # -- the batch stage as one call ----------------------------------
-    def run_batch(self, items: Sequence[PreparedImage], enqueued_at: Sequence[float] | None = None) -> list[BatchResult]:
-        """Engine + post-processing for a formed batch; a failure fails the batch's items with the error."""
-        t_start = time.perf_counter()
-        queue_s = [t_start - t for t in enqueued_at] if enqueued_at else [0.0] * len(items)
-        try:
-            output, lv = self.predict(self.batch(items))
-            t_inf = time.perf_counter()
-            dets = self.unbatch(output, items)
-            t_post = time.perf_counter()
-        except EdgebatchError as exc:
-            return [BatchResult(None, exc, None, len(items), dict(it.timings)) for it in items]
-        results = []
-        for it, d, q in zip(items, dets, queue_s):
-            timings = {
-                "queue_s": max(q, 0.0),
-                "preprocess_s": it.timings.get("preprocess_s", 0.0),
-                "inference_s": t_inf - t_start,
-                "postprocess_s": t_post - t_inf,
-            }
-            results.append(BatchResult(d, None, lv.variant, lv.batch_size, timings))
-        return results
+
+def thresholds_of(config: DetectorConfig) -> PostprocessSettings:
+    return PostprocessSettings(conf=config.conf_threshold, iou=config.iou_threshold, max_det=config.max_detections,
+                               layout=config.layout)

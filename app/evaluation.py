@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -20,7 +20,7 @@ class MatchCounts:
     fp: int = 0
     fn: int = 0
 
-    def add(self, other: "MatchCounts") -> None:
+    def add(self, other: MatchCounts) -> None:
         self.tp += other.tp
         self.fp += other.fp
         self.fn += other.fn

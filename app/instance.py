@@ -85,7 +85,7 @@ class InstanceRecord:
     direct_ingress: bool = False
 
     @classmethod
-    def load(cls, state: StateDir) -> "InstanceRecord | None":
+    def load(cls, state: StateDir) -> InstanceRecord | None:
         try:
             data = json.loads(state.instance_file.read_text())
         except (OSError, ValueError):

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from app.errors import BadRequest, ConfigError, EdgebatchError, PayloadTooLarge
+from app.errors import BadRequest, ConfigError, EdgebatchError
 
 #: The header both sides use to say how long the JSON part of a binary body is.
 INFERENCE_HEADER_CONTENT_LENGTH = "Inference-Header-Content-Length"
@@ -48,22 +48,6 @@ DATATYPE_TO_NUMPY: dict[str, np.dtype] = {
     "BYTES": np.dtype(np.object_),
 }
 
-#: ONNX Runtime's ``NodeArg.type`` strings -> v2 datatype, for building signatures.
-ONNX_TYPE_TO_DATATYPE: dict[str, str] = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-}
 
 _FIXED_SIZE_DATATYPES = frozenset(DATATYPE_TO_NUMPY) - {"BYTES"}
 

@@ -8,15 +8,14 @@ Boxes come back in the original image's pixel coordinates.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
+import cv2
 import numpy as np
 
 from app.errors import BadRequest
 from app.imaging import DEFAULT_MAX_IMAGE_PIXELS, check_declared_size
-
-import cv2  # noqa: E402,I001  after app.imaging: OpenCV's pixel limit must be in the environment first
 
 PAD_VALUE = 114
 
@@ -178,3 +177,31 @@ def postprocess(
         dets.sort(key=lambda d: -d.score)
         results.append(dets)
     return results
+
+
+@dataclass(frozen=True)
+class PostprocessSettings:
+    """The thresholds boxes are decoded with; replaced whole, so a batch never sees half an update."""
+
+    conf: float = 0.25
+    iou: float = 0.45
+    max_det: int = 300
+    layout: str = "auto"
+
+
+class Postprocessor:
+    """The one post-processing stage (boxes + NMS), owner of the live thresholds.
+
+    The detector's batch handler and the stream pipeline both decode through one of these,
+    so a frame and an HTTP request of the same model get the same boxes."""
+
+    def __init__(self, labels: Sequence[str], settings: PostprocessSettings | None = None) -> None:
+        self.labels = list(labels)
+        self.settings = settings or PostprocessSettings()
+
+    def set_thresholds(self, settings: PostprocessSettings) -> None:
+        self.settings = settings  # one assignment: batches in flight keep the object they read
+
+    def decode(self, output: np.ndarray, letterboxes: Sequence[Letterbox]) -> list[list[Detection]]:
+        s = self.settings
+        return postprocess(output, letterboxes, self.labels, conf=s.conf, iou=s.iou, max_det=s.max_det, layout=s.layout)

@@ -16,10 +16,10 @@ class StateDir:
     root: Path
 
     @classmethod
-    def default(cls) -> "StateDir":
+    def default(cls) -> StateDir:
         return cls(Path(os.environ.get("EDGEBATCH_HOME", Path.cwd() / ".edgebatch")).resolve())
 
-    def ensure(self) -> "StateDir":
+    def ensure(self) -> StateDir:
         for p in (self.root, self.artifacts, self.cache, self.logs, self.videos):
             p.mkdir(parents=True, exist_ok=True)
         return self

@@ -21,7 +21,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.config import MODEL_NAME_RE, Backend, DetectorConfig, parse_config
+from app.config import DetectorConfig, parse_config
+from app.constants import Backend, check_model_name
 
 TAG_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 PLACEMENT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
@@ -90,7 +91,7 @@ class PlacementSpec(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _defaults(self) -> "PlacementSpec":
+    def _defaults(self) -> PlacementSpec:
         if self.name is None:
             self.name = self.tag
         if self.device is None and self.tag in DEFAULT_DEVICE_RESOURCE:
@@ -144,12 +145,10 @@ class TenantModel(BaseModel):
     @field_validator("name")
     @classmethod
     def _model_name(cls, v: str) -> str:
-        if not MODEL_NAME_RE.match(v) or ".." in v:
-            raise ValueError("must be letters, digits, '_', '-', '.'; no path separators or '..'")
-        return v
+        return check_model_name(v)
 
     @model_validator(mode="after")
-    def _unique(self) -> "TenantModel":
+    def _unique(self) -> TenantModel:
         bad = {"model", "backend", "engine_instances", "version", "alias"} & set(self.user_config)
         if bad:
             raise ValueError(f"user_config must not set {sorted(bad)}: set them on the model or its placements")
@@ -178,7 +177,7 @@ class TenancyConfig(BaseModel):
     max_ongoing_requests: int = Field(64, ge=1, le=10000, description=">= max_batch_size x engine_instances")
 
     @model_validator(mode="after")
-    def _unique(self) -> "TenancyConfig":
+    def _unique(self) -> TenancyConfig:
         names = [m.name for m in self.models]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:

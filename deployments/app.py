@@ -11,12 +11,12 @@ from typing import Any
 
 from ray.serve import Application
 
-from deployments.detector import DetectorDeployment
+from deployments.ingress import DetectorIngress
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
-    """Build the edgebatch Serve application (the detector is its HTTP ingress)."""
-    return DetectorDeployment.bind()
+    """The edgebatch Serve application: one ``Detector`` deployment, the replica with its HTTP routes."""
+    return DetectorIngress.bind()
 
 
 app = build_app()

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from app.errors import ConfigError
+from app.imaging import DEFAULT_MAX_IMAGE_PIXELS, OPENCV_PIXELS_ENV
 from app.state import StateDir
 
 DEFAULT_CONFIG = Path(__file__).with_name("serve_config.yaml")
@@ -81,6 +82,8 @@ def instance_env(state: StateDir, direct_ingress: bool = False) -> dict[str, str
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "PYTHONPATH": PROJECT_ROOT,
+        # OpenCV reads its allocation limit once, at `import cv2`: set before any replica decodes
+        OPENCV_PIXELS_ENV: str(DEFAULT_MAX_IMAGE_PIXELS),
     }
     if os.environ.get("MLFLOW_TRACKING_URI"):
         env["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]

@@ -20,11 +20,13 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.constants import CONTROLLER_APP, CONTROLLER_DEPLOYMENT, DETECTOR_DEPLOYMENT
 from app.errors import BadRequest, NotFound, Unavailable, one_line
 from policies.batch_size import (
     DEFAULT_POLICY,
@@ -39,8 +41,8 @@ from policies.batch_size import (
 
 log = logging.getLogger("ray.serve")
 
-APP_NAME = "edgebatch-controller"
-DEPLOYMENT_NAME = "BatchController"
+APP_NAME = CONTROLLER_APP  # defined once in app.constants; these names are what the CLI imports
+DEPLOYMENT_NAME = CONTROLLER_DEPLOYMENT
 MANUAL = "manual"
 POLICY_CHOICES = (MANUAL, *sorted(POLICIES))
 # PolicyConfig fields an operator may set with `edgebatch batch auto ... --param k=v`
@@ -51,7 +53,7 @@ class DetectorTarget(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     app: str = Field(..., description="Serve application that holds the detector")
-    deployment: str = "Detector"
+    deployment: str = DETECTOR_DEPLOYMENT
 
 
 class ControllerConfig(BaseModel):
@@ -513,10 +515,10 @@ class _HandleClient:
         self._handle = handle
 
     async def stats(self, stream_fps: float | None, since: float | None) -> dict[str, Any]:
-        return await self._handle.stats.remote(stream_fps, since)
+        return (await self._handle.stats.remote(stream_fps, since)).to_dict()  # a DetectorStats
 
     async def set_batch_size(self, n: int) -> dict[str, Any]:
-        return await self._handle.set_batch_size.remote(n)
+        return (await self._handle.set_batch_size.remote(n)).to_dict()  # a DetectorInfo
 
 
 def _node_samples() -> dict[str, Any]:
@@ -586,8 +588,8 @@ class BatchController:
         if self._config.detectors:
             return [(d.app, d.deployment) for d in self._config.detectors]
         status = serve.status()
-        return [(app_name, "Detector") for app_name, app in status.applications.items()
-                if "Detector" in app.deployments and str(getattr(app.status, "value", app.status)) == "RUNNING"]
+        return [(app_name, DETECTOR_DEPLOYMENT) for app_name, app in status.applications.items()
+                if DETECTOR_DEPLOYMENT in app.deployments and str(getattr(app.status, "value", app.status)) == "RUNNING"]
 
     async def _clients(self) -> dict[str, _HandleClient]:
         """Detector clients by app (``app/deployment`` for a deployment not called Detector); the model each
@@ -600,7 +602,7 @@ class BatchController:
             if handle is None:
                 handle = serve.get_deployment_handle(deployment, app_name=app)
                 self._handles[(app, deployment)] = handle
-            clients[app if deployment == "Detector" else f"{app}/{deployment}"] = _HandleClient(handle)
+            clients[app if deployment == DETECTOR_DEPLOYMENT else f"{app}/{deployment}"] = _HandleClient(handle)
         return clients
 
     def _export(self, ctl: DetectorControl, entry: dict[str, Any]) -> None:

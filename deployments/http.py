@@ -1,29 +1,42 @@
-"""What every edgebatch HTTP ingress does the same way: read a body under a limit, answer an error,
-check the API token, and describe those answers in the OpenAPI document."""
+"""What every edgebatch HTTP ingress does the same way: read a body under a limit, map errors to
+replies, check the API token, and describe those replies in the OpenAPI document.
+
+``install_error_handlers(api)`` is the one place exceptions become HTTP replies (mosec's style):
+an ``EdgebatchError`` answers its own status with ``{"error": message}``; anything else is logged
+with a request id and answers a JSON 500 naming that id. Routes raise; none catches.
+"""
 
 # no `from __future__ import annotations`: FastAPI must see real types (Request) where these are used
 
-from typing import Any, Callable
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from app.errors import EdgebatchError, PayloadTooLarge
 from app.security.auth import TokenCheck
+
+log = logging.getLogger("ray.serve")
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _ERROR_SCHEMA = {"type": "object", "required": ["error"],
                  "properties": {"error": {"type": "string", "description": "what is wrong and how to fix it"}}}
 
 
+def as_edgebatch_error(exc: BaseException) -> EdgebatchError | None:
+    """Our error, also from under Ray's ``RayTaskError`` wrapper (which keeps the class, not the fields)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, EdgebatchError):
+        return cause
+    return exc if isinstance(exc, EdgebatchError) else None
+
+
 def error_response(exc: EdgebatchError) -> JSONResponse:
-    """The JSON error body every route answers with: the message names the problem."""
-    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=getattr(exc, "headers", None))
-
-
-async def edgebatch_error_handler(request: Request, exc: EdgebatchError) -> JSONResponse:
-    """FastAPI exception handler: an EdgebatchError raised in a dependency gets the same JSON body."""
-    return error_response(exc)
+    """The JSON error body: the message names the problem."""
+    return JSONResponse(exc.to_json(), status_code=exc.status, headers=getattr(exc, "headers", None))
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -44,6 +57,49 @@ def require_token_for_writes(check: TokenCheck) -> Callable[[Request], Any]:
             check.require(request.headers, f"{request.method} {request.url.path}")
 
     return dependency
+
+
+class _InternalErrors:
+    """ASGI middleware: an exception that is not ours becomes a logged JSON 500 with a request id
+    (Starlette's own 500 handler would answer plain text and re-raise)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: dict) -> None:
+            nonlocal started
+            started = started or message.get("type") == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            ours = as_edgebatch_error(exc)
+            if ours is not None:
+                response = error_response(ours)
+            else:
+                request_id = uuid.uuid4().hex[:12]
+                log.exception("internal error, request %s %s %s", request_id, scope.get("method"), scope.get("path"))
+                response = JSONResponse({"error": f"internal error (request id {request_id}); the replica's log has "
+                                                  "the traceback", "request_id": request_id}, status_code=500)
+            if not started:  # a reply already under way cannot be replaced
+                await response(scope, receive, send)
+
+
+def install_error_handlers(api: FastAPI) -> None:
+    """The ingress's one exception mapping: ``EdgebatchError`` -> its status, anything else -> 500."""
+
+    async def ours(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(as_edgebatch_error(exc) or exc)  # type: ignore[arg-type]  # registered for ours only
+
+    api.add_exception_handler(EdgebatchError, ours)
+    api.add_middleware(_InternalErrors)
 
 
 async def read_body(request: Request, limit: int, setting: str = "max_body_bytes") -> bytes:

@@ -18,29 +18,30 @@ the header.
 
 import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from app.config import parse_config
+from app.constants import onnx_type
 from app.errors import BadRequest, EdgebatchError, NotFound
 from app.layered.multimodel import ModelSource, MultiModelConfig, MultiModelHost
 from app.security.auth import TokenCheck
 from app.state import StateDir
 from deployments.decoding import V2BodyDecoder
-from deployments.http import error_response, read_body
+from deployments.http import install_error_handlers, read_body
 
 log = logging.getLogger("ray.serve")
 
 MODEL_HEADER = "serve_multiplexed_model_id"
-_V2_TYPES = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(double)": "FP64",
-             "tensor(int64)": "INT64", "tensor(int32)": "INT32", "tensor(uint8)": "UINT8"}
 
 api = FastAPI(title="edgebatch multi-model", description="Many models under one memory budget")
+install_error_handlers(api)
 
 
 def registry_resolver(config: MultiModelConfig, state: StateDir) -> Callable[[str], ModelSource]:
@@ -112,8 +113,8 @@ class MultiModelDeployment:
         source, inputs, outputs = await asyncio.get_running_loop().run_in_executor(None, host.describe, name)
         return source, ModelSignature(
             name=name, versions=[source.version], platform="onnxruntime_onnx",
-            inputs=[TensorSpec(n, _V2_TYPES.get(t, "FP32"), shape) for n, (shape, t) in inputs.items()],
-            outputs=[TensorSpec(n, _V2_TYPES.get(t, "FP32"), [d if d > 0 else -1 for d in shape])
+            inputs=[TensorSpec(n, onnx_type(t).datatype, shape) for n, (shape, t) in inputs.items()],
+            outputs=[TensorSpec(n, onnx_type(t).datatype, [d if d > 0 else -1 for d in shape])
                      for n, (shape, t) in outputs.items()],
             max_batch_size=0,
         )
@@ -121,33 +122,28 @@ class MultiModelDeployment:
     async def _infer(self, name: str, request: Request, version: str | None = None) -> Response:
         from app.oip import encode_infer_response
 
-        try:
-            config = self._config or MultiModelConfig()
-            if config.auth_inference:
-                self._token.require(request.headers, "inference")
-            body = await read_body(request, config.max_body_bytes)
-            source, sig = await self._signature(name)
-            if version is not None and version != source.version:
-                raise NotFound(f"model {name} is served at version {source.version}, not {version}")
-            req = await self._v2_decoder.decode(body, request.headers, sig, config.max_body_bytes)  # off the loop
-            outcome = await asyncio.wrap_future(self._require_host().submit(name, req.inputs))
-            payload, headers = encode_infer_response(name, source.version, outcome.outputs, req)
-            headers = {**headers, "X-Edgebatch-Mode": outcome.mode,
-                       "X-Edgebatch-Evicted": ",".join(outcome.evicted)}
-            return Response(content=payload, headers=headers,
-                            media_type=headers.get("Content-Type", "application/json"))
-        except EdgebatchError as exc:
-            return error_response(exc)
-        except (KeyError, ValueError) as exc:
-            return error_response(BadRequest(f"bad inference request for {name!r}: {exc}"))
+        config = self._config or MultiModelConfig()
+        if config.auth_inference:
+            self._token.require(request.headers, "inference")
+        body = await read_body(request, config.max_body_bytes)
+        source, sig = await self._signature(name)
+        if version is not None and version != source.version:
+            raise NotFound(f"model {name} is served at version {source.version}, not {version}")
+        # every client mistake is a BadRequest here; large JSON is parsed off the event loop
+        req = await self._v2_decoder.decode(body, request.headers, sig, config.max_body_bytes)
+        outcome = await asyncio.wrap_future(self._require_host().submit(name, req.inputs))
+        payload, headers = encode_infer_response(name, source.version, outcome.outputs, req)
+        headers = {**headers, "X-Edgebatch-Mode": outcome.mode,
+                   "X-Edgebatch-Evicted": ",".join(outcome.evicted)}
+        return Response(content=payload, headers=headers,
+                        media_type=headers.get("Content-Type", "application/json"))
 
     @api.post("/infer")
     async def infer(self, request: Request) -> Response:
         name = serve.get_multiplexed_model_id() or request.headers.get(MODEL_HEADER, "")
         if not name:
-            return error_response(BadRequest(
-                f"no model named: set the HTTP header {MODEL_HEADER}: NAME (or use "
-                "/v1/multi/v2/models/NAME/infer)"))
+            raise BadRequest(f"no model named: set the HTTP header {MODEL_HEADER}: NAME (or use "
+                             "/v1/multi/v2/models/NAME/infer)")
         return await self._infer(name, request)
 
     @api.post("/v2/models/{name}/infer")
@@ -159,10 +155,7 @@ class MultiModelDeployment:
     async def v2_model(self, name: str) -> Response:
         from app.oip import model_metadata
 
-        try:
-            _, sig = await self._signature(name)
-        except EdgebatchError as exc:
-            return error_response(exc)
+        _, sig = await self._signature(name)
         return JSONResponse(model_metadata(sig))
 
     @api.get("/v2/health/ready")

@@ -89,7 +89,8 @@ def serve_summary() -> dict[str, Any]:
 
 def _add_controller(summary: dict[str, Any]) -> None:
     """The batch controller's view per detector: size, policy, last decision and its reason."""
-    from deployments.controller import APP_NAME as CONTROLLER_APP, DEPLOYMENT_NAME
+    from deployments.controller import APP_NAME as CONTROLLER_APP
+    from deployments.controller import DEPLOYMENT_NAME
 
     app = summary["applications"].get(CONTROLLER_APP)
     if not app or app.get("status") != "RUNNING":

@@ -3,8 +3,9 @@
 Each stream's reader is a Ray actor (small ``num_cpus``), placed on the node that owns the
 camera when one is named. Inside it the Ray-free staged pipeline decodes and letterboxes
 frames, hands each frame to the detector deployment through a DeploymentHandle
-(``infer_row``: the same ``@serve.batch`` batcher as HTTP requests, so frames of many
-streams share batches), and post-processes the rows in order. The ingress only keeps the
+(``detect`` with a tensor item: the same ``@serve.batch`` batcher and batch handler as HTTP
+requests, so frames of many streams share batches), and post-processes the rows in order with
+the detector's own thresholds (``DetectorInfo.postprocess``). The ingress only keeps the
 stream table and relays status and events; it never touches frames.
 """
 
@@ -15,7 +16,8 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import numpy as np
 import ray
@@ -26,11 +28,14 @@ from ray import serve
 from ray.serve import Application
 
 from app.config import parse_config
+from app.constants import DETECTOR_APP, DETECTOR_DEPLOYMENT
+from app.detector import DetectRequest, ItemResult
 from app.errors import BadRequest, EdgebatchError, NotFound, Unavailable
+from app.replica_status import DetectorInfo
 from app.security.auth import TokenCheck
 from app.security.sources import SourcePolicy, redact
 from app.streams.admission import AdmissionConfig, admit, stream_capacity
-from deployments.http import edgebatch_error_handler, error_response, error_responses, require_token_for_writes
+from deployments.http import as_edgebatch_error, error_responses, install_error_handlers, require_token_for_writes
 
 log = logging.getLogger("ray.serve")
 
@@ -38,7 +43,7 @@ ACTOR_NAMESPACE = "edgebatch-streams"
 TERMINAL_STATES = ("finished", "failed", "stopped")
 api = FastAPI(title="edgebatch streams", description="Real-time video analytics through the batched detector",
               dependencies=[Depends(require_token_for_writes(TokenCheck()))])
-api.add_exception_handler(EdgebatchError, edgebatch_error_handler)
+install_error_handlers(api)
 
 
 class _CollectionPath:
@@ -86,7 +91,7 @@ class StreamsAppConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    detector_app: str = "edgebatch"
+    detector_app: str = DETECTOR_APP
     reader_num_cpus: float = Field(0.1, gt=0, le=16)
     output_folder: str | None = Field(None, description="where jsonl/video_out files go; default <state>/outputs")
     sources: SourcePolicy = Field(default_factory=SourcePolicy)
@@ -126,12 +131,12 @@ class HandleEngineStage:
     def submit(self, rows: list[np.ndarray]) -> Callable[[], Any]:
         from app.streams.pipeline import EngineOutput
 
-        responses = [self.handle.infer_row.remote(r) for r in rows]
+        responses = [self.handle.detect.remote(DetectRequest.tensor(r)) for r in rows]
 
         def wait() -> EngineOutput:
-            outs = [r.result(timeout_s=60) for r in responses]
-            return EngineOutput([o["output"] for o in outs], max(o["inference_s"] for o in outs),
-                                [int(o["items_in_batch"]) for o in outs])
+            outs: list[ItemResult] = [r.result(timeout_s=60) for r in responses]
+            return EngineOutput([o.output for o in outs], max(o.batch.inference_s for o in outs),
+                                [o.batch.items for o in outs])
 
         return wait
 
@@ -140,17 +145,17 @@ class HandleEngineStage:
 class StreamReaderActor:
     """One stream: reader, pre- and post-processing on this node; inference through the detector handle."""
 
-    def __init__(self, stream_id: str, detector_app: str, detector_info: dict[str, Any]) -> None:
-        from app.streams.pipeline import PostprocessParams, StreamPipeline
+    def __init__(self, stream_id: str, detector_app: str, detector_info: DetectorInfo) -> None:
+        from app.pipeline import Postprocessor
+        from app.streams.pipeline import StreamPipeline
 
         self.stream_id = stream_id
-        handle = serve.get_deployment_handle("Detector", app_name=detector_app)
-        size = detector_info.get("input_size") or [320, 320]
+        handle = serve.get_deployment_handle(DETECTOR_DEPLOYMENT, app_name=detector_app)
+        size = detector_info.input_size or (320, 320)
         self.pipeline = StreamPipeline(
             HandleEngineStage(handle),
             input_size=(int(size[0]), int(size[1])),
-            post=PostprocessParams(labels=list(detector_info.get("labels") or []),
-                                   **(detector_info.get("postprocess") or {})),
+            post=Postprocessor(detector_info.labels, detector_info.postprocess),
             batch_wait_s=0.0,
             max_in_flight=32,
         )
@@ -158,7 +163,7 @@ class StreamReaderActor:
 
     def start(self, req: dict[str, Any], app_config: dict[str, Any]) -> dict[str, Any]:
         """Check the request against the allowlists here (paths resolve on the reader's node), probe the
-        source, and only then open the outputs and start; an error dict, never a raise."""
+        source, and only then open the outputs and start; the stream's status, or the error raised."""
         from pathlib import Path
 
         from app.security.paths import JSONL_SUFFIXES, VIDEO_SUFFIXES, OutputFolder
@@ -193,11 +198,11 @@ class StreamReaderActor:
 
             self.pipeline.add_stream(spec, options, sinks=open_sinks, stream_id=self.stream_id,
                                      node=ray.get_runtime_context().get_node_id())
-        except EdgebatchError as exc:
+        except EdgebatchError:
             for s in sinks:
                 s.close()
-            return {"error": exc.message, "status": exc.status}
-        return {"status": 201, "stream": self.status()}
+            raise
+        return self.status()
 
     def status(self) -> dict[str, Any]:
         return self.pipeline.status(self.stream_id)
@@ -237,7 +242,7 @@ class StreamsIngress:
             check_output_name(req.video_out, "video_out", VIDEO_SUFFIXES)
         self.config.sources.precheck(req.source)
 
-    async def _admit(self, sid: str, fps: float, info: dict[str, Any]) -> None:
+    async def _admit(self, sid: str, fps: float, info: DetectorInfo) -> None:
         """Reserve ``fps`` for ``sid`` if the capacity left covers it (429 saying what is left otherwise)."""
         capacity = stream_capacity(self.config.admission, info)
         async with self._admission:
@@ -247,9 +252,9 @@ class StreamsIngress:
             admit(capacity, taken, len(live) + len(self.reserved), fps)
             self.reserved[sid] = fps
 
-    async def _detector_info(self) -> dict[str, Any]:
+    async def _detector_info(self) -> DetectorInfo:
         try:
-            handle = serve.get_deployment_handle("Detector", app_name=self.detector_app)
+            handle = serve.get_deployment_handle(DETECTOR_DEPLOYMENT, app_name=self.detector_app)
             return await asyncio.wait_for(handle.info.remote(), timeout=30)
         except Exception as exc:
             raise Unavailable(f"the detector application '{self.detector_app}' is not reachable ({exc}); "
@@ -258,28 +263,25 @@ class StreamsIngress:
     @api.post("/", status_code=201, responses=error_responses(400, 401, 429, 503))
     async def create(self, request: Request) -> JSONResponse:
         try:
-            try:
-                data = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise BadRequest('body must be JSON like {"source": "/path/clip.mp4", "fps": 30}') from None
-            req = _parse_request(data)
-            info = await self._detector_info()
-            if req.model and req.model != info.get("model"):
-                raise BadRequest(f"model {req.model!r} is not served by '{self.detector_app}'; it serves "
-                                 f"{info.get('model')!r} (omit model or deploy that model)")
-            sid = req.id or uuid.uuid4().hex[:8]
-            if sid in self.streams or sid in self.reserved:
-                raise BadRequest(f"stream id {sid!r} already exists; DELETE it first or pick another id")
-            self._precheck(req)
-            await self._admit(sid, req.fps, info)
-            try:
-                return await self._start(sid, req, info)
-            finally:
-                self.reserved.pop(sid, None)
-        except EdgebatchError as exc:
-            return error_response(exc)
+            data = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadRequest('body must be JSON like {"source": "/path/clip.mp4", "fps": 30}') from None
+        req = _parse_request(data)
+        info = await self._detector_info()
+        if req.model and req.model != info.model:
+            raise BadRequest(f"model {req.model!r} is not served by '{self.detector_app}'; it serves "
+                             f"{info.model!r} (omit model or deploy that model)")
+        sid = req.id or uuid.uuid4().hex[:8]
+        if sid in self.streams or sid in self.reserved:
+            raise BadRequest(f"stream id {sid!r} already exists; DELETE it first or pick another id")
+        self._precheck(req)
+        await self._admit(sid, req.fps, info)
+        try:
+            return await self._start(sid, req, info)
+        finally:
+            self.reserved.pop(sid, None)
 
-    async def _start(self, sid: str, req: StreamRequest, info: dict[str, Any]) -> JSONResponse:
+    async def _start(self, sid: str, req: StreamRequest, info: DetectorInfo) -> JSONResponse:
         """Place the reader actor and start it; its table entry only once it runs."""
         options: dict[str, Any] = {"name": actor_name(sid), "namespace": ACTOR_NAMESPACE,
                                    "num_cpus": self.reader_num_cpus}
@@ -294,13 +296,13 @@ class StreamsIngress:
                                              timeout=120)
         except Exception as exc:
             ray.kill(actor)
+            ours = as_edgebatch_error(exc)  # the source is unreadable, a sink name is bad: the client's to fix
+            if ours is not None:
+                raise ours from None
             raise Unavailable(f"the reader for stream {sid} did not start: {redact(str(exc))}") from None
-        if "error" in started:
-            ray.kill(actor)
-            raise EdgebatchError(started["error"], status=started["status"])
         self.streams[sid] = actor
         self.requests[sid] = req.model_dump()
-        return JSONResponse(started["stream"], status_code=201)
+        return JSONResponse(started, status_code=201)
 
     async def _status(self, sid: str, actor: Any) -> dict[str, Any]:
         try:
@@ -323,17 +325,11 @@ class StreamsIngress:
 
     @api.get("/{stream_id}")
     async def show(self, stream_id: str) -> JSONResponse:
-        try:
-            return JSONResponse(await self._status(stream_id, self._actor(stream_id)))
-        except EdgebatchError as exc:
-            return error_response(exc)
+        return JSONResponse(await self._status(stream_id, self._actor(stream_id)))
 
     @api.delete("/{stream_id}")
     async def remove(self, stream_id: str) -> JSONResponse:
-        try:
-            actor = self._actor(stream_id)
-        except EdgebatchError as exc:
-            return error_response(exc)
+        actor = self._actor(stream_id)
         try:
             final = await asyncio.wait_for(actor.stop.remote(), timeout=30)
         except Exception as exc:
@@ -346,10 +342,7 @@ class StreamsIngress:
     @api.get("/{stream_id}/events")
     async def events(self, stream_id: str, cursor: int = 0) -> Any:
         """Server-sent events: one `frame` event per frame in order, then `end` with the reason."""
-        try:
-            actor = self._actor(stream_id)
-        except EdgebatchError as exc:
-            return error_response(exc)
+        actor = self._actor(stream_id)
 
         async def feed():
             pos = max(0, cursor)

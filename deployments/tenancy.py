@@ -1,7 +1,8 @@
 """The multi-tenancy application: one Detector deployment per (model, placement), one router.
 
 ``import_path: deployments.tenancy:build_app`` with ``args`` = ``app.tenancy.TenancyConfig``.
-Each placement becomes ``DetectorDeployment.options(name="<model>.<placement>")``
+Each placement becomes ``PlacementDetector.options(name="<model>.<placement>")`` (the
+handle-only ``DetectorReplica``, without the HTTP routes of the ``edgebatch`` app)
 whose replicas ask Ray for the node-tag resource (``gpu_node``: only nodes that
 declared that tag with ``ray start --resources`` qualify) plus their device share
 (``num_gpus`` 1/k or ``edgetpu`` 1/k: CME, k replicas on one device). Ray's
@@ -22,6 +23,7 @@ Concurrency changes in place: a ``deployments:`` override in the Serve config
 # no `from __future__ import annotations`: FastAPI must see real types (Request) on the routes
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -32,15 +34,18 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import Application
 
-from app.errors import BadRequest, ConfigError, EdgebatchError, NotFound, PayloadTooLarge, Unavailable
+from app.constants import DETECTOR_DEPLOYMENT
+from app.detector import DetectRequest
+from app.errors import BadRequest, ConfigError, NotFound, PayloadTooLarge, Unavailable
 from app.tenancy import PlacementSpec, TenancyConfig, deployment_name, parse_tenancy, split_deployment_name
-from deployments.detector import DetectorDeployment
-from deployments.http import error_response, read_body
+from deployments.detector import DetectorReplica, PlacedResult
+from deployments.http import as_edgebatch_error, install_error_handlers, read_body
 from policies.placement import Placement, PlacementPlan, concurrency_level, route_weights
 
 log = logging.getLogger("ray.serve")
 
 api = FastAPI(title="edgebatch tenancy", description="Several models, each spread over its placements")
+install_error_handlers(api)
 
 MAX_BODY_BYTES = 20 * 1024 * 1024
 
@@ -109,27 +114,8 @@ def route_table(config: TenancyConfig) -> dict[str, list[dict[str, Any]]]:
     return table
 
 
-def _without_http_ingress(deployment: Any) -> type:
-    """The detector's own class under its FastAPI wrapper: Serve allows one FastAPI deployment
-    per application (the router here), and the placements are reached through handles only."""
-    from ray.serve._private.http_util import ASGIAppReplicaWrapper
-
-    for cls in deployment.func_or_class.__mro__:
-        if not issubclass(cls, ASGIAppReplicaWrapper):
-            return cls
-    raise TypeError(f"{deployment.name}: no plain class under its HTTP ingress")
-
-
-# The same DetectorDeployment code (batcher, hot reconfigure, detect_bytes), as a handle-only deployment.
-PlacementDetector = serve.deployment(name="Detector", max_ongoing_requests=64)(
-    _without_http_ingress(DetectorDeployment)
-)
-
-
-def _cause(exc: EdgebatchError) -> EdgebatchError:
-    """The replica's own error under Ray's RayTaskError wrapper (which keeps the class, not the fields)."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, EdgebatchError) else exc
+# The detector replica as it is (batcher, hot reconfigure, detect): reached through handles only.
+PlacementDetector = serve.deployment(name=DETECTOR_DEPLOYMENT, max_ongoing_requests=64)(DetectorReplica)
 
 
 @serve.deployment(name="ModelRouter", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
@@ -173,21 +159,19 @@ class ModelRouter:
         for row in self._order(model):
             name = row["deployment"]
             try:
-                resp = row["handle"].detect_bytes.remote(body)
-                out = await asyncio.wait_for(resp, timeout=self._timeout_s)
-            except EdgebatchError as exc:
-                exc = _cause(exc)
-                if exc.status < 500:
-                    raise exc from None  # the request is wrong (not an image, too large), not the placement
-                last = f"{name}: {exc.message}"
+                resp = row["handle"].detect_placed.remote(DetectRequest.encoded(body))
+                placed: PlacedResult = await asyncio.wait_for(resp, timeout=self._timeout_s)
             except asyncio.TimeoutError:
                 last = f"{name}: no replica answered in {self._timeout_s:.0f} s (is a node with tag {row['tag']!r} alive?)"
-            except Exception as exc:  # a replica died mid-request (node left): try another placement
-                last = f"{name}: {type(exc).__name__}: {exc}"
+            except Exception as exc:  # a replica died mid-request (node left), or answered an error
+                ours = as_edgebatch_error(exc)
+                if ours is not None and ours.status < 500:
+                    raise ours from None  # the request is wrong (not an image, too large), not the placement
+                last = f"{name}: {ours.message if ours else f'{type(exc).__name__}: {exc}'}"
             else:
                 self._served[name] = self._served.get(name, 0) + 1
-                out["placement"] = row["placement"]
-                return out
+                return {**placed.result.to_json(), "served_by": dataclasses.asdict(placed.served_by),
+                        "placement": row["placement"]}
             log.warning("placement %s skipped for %.0f s: %s", name, self._retry_after_s, last)
             self._down_until[name] = time.monotonic() + self._retry_after_s
         raise Unavailable(f"model '{model}': every placement failed; last: {last}; see `edgebatch status`")
@@ -211,11 +195,8 @@ class ModelRouter:
 
     @api.post("/{model}/v1/detect")
     async def http_detect(self, model: str, request: Request) -> JSONResponse:
-        try:
-            body = await read_body(request, MAX_BODY_BYTES, "the router's body limit")
-            return JSONResponse(await self.detect_bytes(model, body))
-        except EdgebatchError as exc:
-            return error_response(exc)
+        body = await read_body(request, MAX_BODY_BYTES, "the router's body limit")
+        return JSONResponse(await self.detect_bytes(model, body))
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

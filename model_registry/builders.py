@@ -429,7 +429,7 @@ def _tflite_input(path: Path) -> tuple[tuple[int, ...], str]:
         kind = names.get(tensor.Type(), "UNKNOWN").lower()
         precision = {"float32": "fp32", "float16": "fp16"}.get(kind, kind)
         return tuple(int(d) for d in tensor.ShapeAsNumpy()), precision
-    except Exception:  # noqa: BLE001 - shape is informative only; the file was checked already
+    except Exception:  # any error: shape is informative only; the file was checked already
         return (), "unknown"
 
 

@@ -42,7 +42,7 @@ def check_record(record: dict, where: str) -> dict:
         file_name = Path(str(record.get("file", ""))).name
         if not SAFE_NAME_RE.match(file_name) or ".." in str(record.get("file", "")).split("/"):
             raise ValueError(f"file {str(record.get('file'))[:80]!r} is not a safe file name")
-        int(record["batch_size"]), int(record["size_bytes"])  # noqa: B018 - must be numbers
+        int(record["batch_size"]), int(record["size_bytes"])
     except (ValueError, TypeError, KeyError) as exc:
         raise TamperedRecord(f"variant record in {where} is invalid ({exc}); it is refused: re-register the "
                              "model (edgebatch models build ...) or delete this node's cache index") from None

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from app.constants import valid_model_name
 from app.engines.base import ModelVariant
 from app.errors import BadRequest, EdgebatchError, NotFound, Unavailable
 from app.state import StateDir
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 EXPERIMENT = "edgebatch-model-repository"
 VARIANT_TAG = "edgebatch.variant."
 IN_USE_TAG = "edgebatch.in_use."
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 _SERVER_HINT = (
     "start one with `mlflow server --host 0.0.0.0 --port 5000 "
@@ -64,7 +64,7 @@ def _quiet_mlflow() -> None:
 
 def validate_name(name: str, what: str = "model name") -> str:
     """Names become registry keys, tag keys and cache folders: keep them to a safe charset."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not valid_model_name(name):
         raise BadRequest(
             f"{what} {name!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', starting "
             "with a letter or digit, with no '/', '\\' or '..' (e.g. yolov8n-320)"
@@ -215,7 +215,7 @@ class ModelRepository:
         self._init_lock = threading.Lock()
 
     @classmethod
-    def from_env(cls, state: StateDir | None = None) -> "ModelRepository":
+    def from_env(cls, state: StateDir | None = None) -> ModelRepository:
         """``MLFLOW_TRACKING_URI`` if set, else SQLite in ``$EDGEBATCH_HOME`` (or ``./.edgebatch``)."""
         return cls(os.environ.get("MLFLOW_TRACKING_URI") or None, state=state or StateDir.default())
 
@@ -282,7 +282,7 @@ class ModelRepository:
                 else:
                     client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
                     client.search_registered_models(max_results=1)
-            except Exception as exc:  # noqa: BLE001 - any failure here means "registry not usable"
+            except Exception as exc:  # any error: any failure here means "registry not usable"
                 raise self._unavailable(exc) from None
             self._client = client
         return self._client
@@ -322,7 +322,7 @@ class ModelRepository:
         for attempt in range(attempts):
             try:
                 return fn()
-            except Exception as exc:  # noqa: BLE001 - filtered just below
+            except Exception as exc:  # any error: filtered just below
                 if attempt == attempts - 1 or not _is_transient_write_error(exc):
                     raise
                 log.info("%s lost a race (%s); retrying", what, exc)

@@ -81,4 +81,6 @@ def local_detector(config: DetectorConfig, state: StateDir | None = None):
 
     source = RegistryModelSource(config, state or StateDir.default())
     model = source.resolve()
-    return Detector(config, source.loader(model), labels=model.labels, input_size=model.input_size), model, source
+    detector = Detector(config, source.loader(model), labels=model.labels, input_size=model.input_size,
+                        model=model.name, version=model.version)
+    return detector, model, source

@@ -210,7 +210,7 @@ def split_key(batch_size: int, stages: int) -> str:
 
 
 def register_split(
-    repo: "ModelRepository", name: str, stages: int, *, version: str | None = None,
+    repo: ModelRepository, name: str, stages: int, *, version: str | None = None,
     alias: str | None = None, batch_size: int = 1,
 ) -> SplitInfo:
     """Split the version's whole ONNX variant for ``batch_size`` and attach the stages to that version."""
@@ -237,11 +237,11 @@ def register_split(
     return SplitInfo(name, resolved, batch_size, stages, tuple(records))
 
 
-def list_splits(repo: "ModelRepository", name: str, version: str) -> dict[tuple[int, int], dict]:
+def list_splits(repo: ModelRepository, name: str, version: str) -> dict[tuple[int, int], dict]:
     """(batch size, stages) -> manifest, for every split registered on a version."""
     try:
         mv = repo.client.get_model_version(name, version)
-    except Exception as exc:  # noqa: BLE001 - MLflow raises its own type for a missing version
+    except Exception as exc:  # any error: MLflow raises its own type for a missing version
         raise NotFound(f"model {name} has no version {version} ({exc})") from None
     found = {}
     for key, value in (mv.tags or {}).items():
@@ -254,7 +254,7 @@ def list_splits(repo: "ModelRepository", name: str, version: str) -> dict[tuple[
 
 
 def find_stages(
-    repo: "ModelRepository", name: str, version: str | None = None, alias: str | None = None, *,
+    repo: ModelRepository, name: str, version: str | None = None, alias: str | None = None, *,
     batch_size: int = 1, stages: int | None = None,
 ) -> list[Path]:
     """Local, sha256-verified stage files in stage order (downloaded once per node).
@@ -287,7 +287,7 @@ def find_stages(
                 try:
                     downloaded = Path(mlflow.artifacts.download_artifacts(
                         artifact_uri=artifact, dst_path=str(folder), tracking_uri=repo.tracking_uri))
-                except Exception as exc:  # noqa: BLE001 - MLflow and network errors alike
+                except Exception as exc:  # any error: MLflow and network errors alike
                     raise Unavailable(f"could not download stage {artifact} from {repo.tracking_uri} ({exc}); "
                                       "check the registry is reachable (edgebatch models list)") from None
                 target = folder / file_name

@@ -19,7 +19,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # throwaway test cluster on loopback
 
-from app.state import StateDir  # noqa: E402
+from app.state import StateDir
 
 
 def free_port() -> int:

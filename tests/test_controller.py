@@ -20,8 +20,8 @@ import pytest
 from app.detector import VariantPool
 from app.engines.base import ModelVariant
 from deployments.controller import (
-    ControlLoop,
     ControllerConfig,
+    ControlLoop,
     observation_from_promql,
     observation_from_stats,
 )
@@ -452,7 +452,7 @@ class Load:
                 except httpx.HTTPError as exc:
                     self.errors.append(repr(exc))
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for t in self.threads:
             t.start()
         return self
@@ -480,7 +480,7 @@ def test_swap_under_concurrent_load_fails_no_request(serve_app):
         with Load(serve_app["url"]) as load:
             wait_for(lambda: load.count() >= 10, 120, "steady load before the swap")
             info = handle.set_batch_size.remote(2, 0.05).result(timeout_s=120)
-            assert info["max_batch_size"] == 2
+            assert info.max_batch_size == 2
             mark = load.count()
             wait_for(lambda: load.count() >= mark + 15, 120, "replies after the swap to 2")
             handle.set_batch_size.remote(4, 0.05).result(timeout_s=120)
@@ -491,8 +491,8 @@ def test_swap_under_concurrent_load_fails_no_request(serve_app):
         # after the switch to 2 (past the <= 6 requests already in flight), no larger variant serves
         assert max(b for _, b in load.replies[mark + 6 : mark4]) <= 2
         info = handle.info.remote().result(timeout_s=30)
-        assert sorted(int(s) for s in info["loaded_variants"]) == [1, 4]  # target + smallest resident, 8 and 2 released
-        stats = handle.stats.remote(30.0).result(timeout_s=30)
+        assert sorted(info.loaded_variants) == [1, 4]  # target + smallest resident, 8 and 2 released
+        stats = handle.stats.remote(30.0).result(timeout_s=30).to_dict()
         assert stats["metrics"]["batches"] > 0 and stats["metrics"]["stages"]["infer"]["mean_s"] > 0
         assert stats["metrics"]["batch_sizes"] and max(stats["metrics"]["batch_sizes"]) <= 4
     finally:
@@ -508,11 +508,11 @@ def test_load_failure_keeps_serving_on_the_current_variant_and_is_reported(serve
     uc = config["applications"][0]["deployments"][0]["user_config"]
     uc["batch_sizes"] = [1, 2, 4, 8, 16, 32]  # 32 is allowed, but the registry has no such variant
     launcher.deploy(config)
-    wait_for(lambda: 32 in handle.stats.remote().result(timeout_s=30)["batch_sizes"], 90, "batch_sizes with 32 to apply")
+    wait_for(lambda: 32 in handle.stats.remote().result(timeout_s=30).batch_sizes, 90, "batch_sizes with 32 to apply")
     try:
         with pytest.raises(Exception, match="no onnx variant for batch 32"):
             handle.set_batch_size.remote(32).result(timeout_s=120)
-        stats = handle.stats.remote().result(timeout_s=30)
+        stats = handle.stats.remote().result(timeout_s=30).to_dict()
         assert stats["max_batch_size"] == 8 and 32 not in stats["loaded_variants"]
         assert stats["last_load_failure"]["batch_size"] == 32 and stats["last_load_failure"]["kept_batch_size"] == 8
         from app.bench.images import sample_jpegs
@@ -521,7 +521,7 @@ def test_load_failure_keeps_serving_on_the_current_variant_and_is_reported(serve
         assert r.status_code == 200 and r.json()["batch_size"] in (1, 8)
     finally:
         launcher.deploy(serve_app["config"])
-        wait_for(lambda: 32 not in handle.stats.remote().result(timeout_s=30)["batch_sizes"], 90, "batch_sizes restored")
+        wait_for(lambda: 32 not in handle.stats.remote().result(timeout_s=30).batch_sizes, 90, "batch_sizes restored")
 
 
 @pytest.mark.ray
@@ -553,7 +553,7 @@ def test_controller_deployment_decides_with_a_reason_and_pins_on_request(serve_a
         pinned = controller.set_fixed.remote("demo-detector", 2).result(timeout_s=120)
         assert pinned["current_batch_size"] == 2 and pinned["policy"] == "fixed" and pinned["pin"]["batch_size"] == 2
         assert "operator pinned batch size 2" in pinned["reason"] and pinned["reason_code"] == "pinned"
-        assert detector.info.remote().result(timeout_s=30)["max_batch_size"] == 2
+        assert detector.info.remote().result(timeout_s=30).max_batch_size == 2
         with pytest.raises(BadRequest, match="not one of"):  # refusals cross the handle as app.errors
             controller.set_fixed.remote("demo-detector", 3).result(timeout_s=60)
         with pytest.raises(NotFound, match="no detector serves model 'nope'"):
@@ -604,17 +604,17 @@ def test_controller_deployment_decides_with_a_reason_and_pins_on_request(serve_a
         copies = build_onnx_variants(DEFAULT_ASSETS / "detector.onnx", [1, 2, 4, 8, 16], tmp_path)
         version = repo.register_version("demo-copy", [with_labels(v, labels) for v in copies])
         deploy_apps(detector={"model": "demo-copy", "version": str(version)})
-        wait_for(lambda: detector.info.remote().result(timeout_s=30)["model"] == "demo-copy", 180, "the switch")
+        wait_for(lambda: detector.info.remote().result(timeout_s=30).model == "demo-copy", 180, "the switch")
         moved = controller.set_fixed.remote("demo-copy", 4).result(timeout_s=120)
         assert moved["model"] == "demo-copy" and moved["current_batch_size"] == 4
-        assert detector.info.remote().result(timeout_s=30)["max_batch_size"] == 4
+        assert detector.info.remote().result(timeout_s=30).max_batch_size == 4
         with pytest.raises(NotFound, match="no detector serves model 'demo-detector'; detectors serve: demo-copy"):
             controller.set_fixed.remote("demo-detector", 2).result(timeout_s=60)
         status = controller.status.remote().result(timeout_s=30)["detectors"]
         assert "demo-detector" not in status and status["demo-copy"]["last_failure"] is None
     finally:
         deploy_apps(remove=[APP_NAME], detector={})
-        wait_for(lambda: detector.info.remote().result(timeout_s=30)["model"] == "demo-detector", 180, "the model back")
+        wait_for(lambda: detector.info.remote().result(timeout_s=30).model == "demo-detector", 180, "the model back")
         detector.set_batch_size.remote(8, 0.005).result(timeout_s=120)
 
 
@@ -641,7 +641,7 @@ def test_promql_observation_from_a_real_prometheus(serve_app, tmp_path):
     try:
         wait_for(lambda: proc.poll() is not None or client.ready(), 60, "Prometheus to be ready")
         assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
-        stats = _detector().stats.remote().result(timeout_s=30)
+        stats = _detector().stats.remote().result(timeout_s=30).to_dict()
         with Load(serve_app["url"], clients=3):
             obs = wait_for(lambda: observation_from_promql(client.query, "demo-detector", 30.0,
                                                            current=stats["max_batch_size"], node=stats["node_id"]),

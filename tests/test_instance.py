@@ -5,7 +5,6 @@ Ray-free: these run in milliseconds. The real two-instance run is tests/test_sid
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import stat
@@ -16,8 +15,7 @@ import pytest
 from app.cli import main
 from app.config import DetectorConfig
 from app.errors import ConfigError, Unavailable
-from app.instance import (InstancePorts, InstanceRecord, ensure_ray_token, plan_ports, ray_auth_env,
-                          recorded_http_url)
+from app.instance import InstancePorts, InstanceRecord, ensure_ray_token, plan_ports, ray_auth_env, recorded_http_url
 from app.state import StateDir
 from deployments import config_file
 from deployments.status import cause_line
@@ -189,3 +187,28 @@ def test_env_exports_this_instance_for_rays_own_clis(tmp_path, monkeypatch, caps
     assert lines["RAY_ADDRESS"] == f"127.0.0.1:{ports.gcs}"
     assert lines["RAY_DASHBOARD_ADDRESS"] == f"http://127.0.0.1:{ports.dashboard}"
     assert lines["RAY_AUTH_TOKEN_PATH"] == str(state.ray_token_file) and lines["RAY_AUTH_MODE"] == "token"
+
+
+def test_up_refuses_to_expose_http_without_an_api_token(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from deployments import cluster
+
+    config = yaml.safe_load(config_file.DEFAULT_CONFIG.read_text())
+    config["http_options"]["host"] = "0.0.0.0"
+    exposed = tmp_path / "exposed.yaml"
+    exposed.write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("EDGEBATCH_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("EDGEBATCH_API_TOKEN", raising=False)
+    called = []
+    monkeypatch.setattr(cluster, "start_local_head", lambda *a, **k: called.append(a))
+    assert main(["up", "--config", str(exposed)]) == 2
+    err = capsys.readouterr().err
+    assert "0.0.0.0 would expose the API without a token" in err and "--api-token" in err
+    assert not called and not (tmp_path / "state" / "api_token").exists()
+
+
+def test_every_replica_gets_opencvs_pixel_limit_before_it_decodes(tmp_path):
+    config = config_file.load_serve_config(None, StateDir(tmp_path).ensure())
+    for app in config["applications"]:
+        assert int(app["runtime_env"]["env_vars"]["OPENCV_IO_MAX_IMAGE_PIXELS"]) > 0

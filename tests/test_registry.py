@@ -21,9 +21,15 @@ import pytest
 from app.errors import BadRequest, EdgebatchError, NotFound, Unavailable
 from app.state import StateDir
 from model_registry import demo as demo_module
-from model_registry.builders import (VariantFile, build_onnx_variants, build_tensorrt_variants,
-                                     parse_batch_sizes, parse_variant_args, scan_variant_folder,
-                                     variants_from_files)
+from model_registry.builders import (
+    VariantFile,
+    build_onnx_variants,
+    build_tensorrt_variants,
+    parse_batch_sizes,
+    parse_variant_args,
+    scan_variant_folder,
+    variants_from_files,
+)
 from model_registry.cache import IntegrityError
 from model_registry.demo import DEMO_MODEL, ensure_demo_model, write_synthetic_detector
 from model_registry.repository import ModelRepository, parse_model_ref, validate_name

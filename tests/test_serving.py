@@ -91,7 +91,7 @@ def test_bad_request_inside_a_batch_does_not_disturb_the_good_ones(serve_app):
         statuses = [r.status_code for r in resps]
         assert statuses == [200, 200, 200, 400, 200, 200, 200, 200], statuses
         assert max(r.json()["items_in_batch"] for r in resps if r.status_code == 200) > 1  # they were batched
-        assert _info(serve_app)["pid"] == before["pid"]  # the replica survived
+        assert _info(serve_app)["pid"] == before.pid  # the replica survived
     finally:
         handle.set_batch_size.remote(8, 0.005).result(timeout_s=120)
 
@@ -136,7 +136,8 @@ def test_serve_deploy_user_config_change_keeps_replica_and_applies_batch_size(se
 
     def burst():
         with cf.ThreadPoolExecutor(8) as pool:
-            return [r.json()["items_in_batch"] for r in pool.map(lambda _: httpx.post(f"{url}/v1/detect", content=jpeg, timeout=60), range(8))]
+            replies = pool.map(lambda _: httpx.post(f"{url}/v1/detect", content=jpeg, timeout=60), range(8))
+            return [r.json()["items_in_batch"] for r in replies]
 
     assert max(burst()) == 1
     uc.update({"max_batch_size": 8, "batch_wait_timeout_s": 0.2})

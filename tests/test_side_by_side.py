@@ -55,11 +55,11 @@ def ray_cli(home: Path, *argv: str) -> subprocess.CompletedProcess:
 
 
 def info(url: str) -> dict:
-    return httpx.get(f"{url}/v1/info", timeout=10).json()
+    return httpx.get(f"{url}/v1/info", timeout=30).json()
 
 
 def detect(url: str, jpeg: bytes) -> httpx.Response:
-    return httpx.post(f"{url}/v1/detect", content=jpeg, headers={"Content-Type": "image/jpeg"}, timeout=30)
+    return httpx.post(f"{url}/v1/detect", content=jpeg, headers={"Content-Type": "image/jpeg"}, timeout=60)
 
 
 @pytest.fixture(scope="module")

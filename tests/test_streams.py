@@ -222,7 +222,6 @@ def test_unreadable_sources_are_clear_errors_at_creation(tmp_path, demo_stage):
 
 def test_cli_says_plainly_when_the_app_is_not_running(capsys):
     from app.cli import main
-
     from tests.conftest import free_port
 
     assert main(["streams", "list", "--url", f"http://127.0.0.1:{free_port()}"]) == 2
@@ -238,7 +237,6 @@ def stream_outputs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def streams_url(deploy_apps, serve_app, state, tmp_path_factory, stream_outputs):
-    from deployments import launcher
     from deployments.config_file import load_serve_config
 
     config = load_serve_config(None, state, port=serve_app["port"])
@@ -369,7 +367,8 @@ def test_ten_slow_cameras_fill_batches_like_one_fast_camera_locally(clip, demo_s
         try:
             ids = [pipe.add_stream(str(clip), StreamOptions(fps=fps, loop=True, behind="queue", queue_bound=64))
                    for _ in range(n)]
-            wait_for(lambda: sum(pipe.status(i)["frames_out"] for i in ids) >= 45, 120, f"{n} streams' frames")
+            wait_for(lambda: sum(pipe.status(i)["frames_out"] for i in ids) >= 45,  # noqa: B023 - waited on here
+                     120, f"{n} streams' frames")
             means[n] = frame_weighted_batch([pipe.status(i) for i in ids])
         finally:
             pipe.close()
@@ -394,17 +393,18 @@ def test_ten_cameras_at_3_fps_share_serve_batches_like_one_at_30(streams_url, se
             ids = [f"cam{n}-{i}" for i in range(n)]
 
             def add(sid: str) -> int:
-                return httpx.post(streams_url, json={"source": str(small), "id": sid, "fps": fps, "loop": True,
+                return httpx.post(streams_url, json={"source": str(small), "id": sid, "fps": fps, "loop": True,  # noqa: B023
                                                      "behind": "queue", "queue_bound": 64}, timeout=180).status_code
 
             with ThreadPoolExecutor(10) as pool:
                 assert list(pool.map(add, ids)) == [201] * n
             try:
                 def statuses() -> list[dict]:
-                    return [httpx.get(f"{streams_url}/{i}", timeout=30).json() for i in ids]
+                    return [httpx.get(f"{streams_url}/{i}", timeout=30).json() for i in ids]  # noqa: B023
 
                 first = sum(s["frames_out"] for s in statuses())
-                wait_for(lambda: sum(s["frames_out"] for s in statuses()) >= first + 60, 180, f"{n} cameras' frames")
+                wait_for(lambda: sum(s["frames_out"] for s in statuses()) >= first + 60,  # noqa: B023 - waited on here
+                         180, f"{n} cameras' frames")
                 means[n] = frame_weighted_batch(statuses())
             finally:
                 with ThreadPoolExecutor(10) as pool:

@@ -93,11 +93,11 @@ def onnx_reference(x: np.ndarray, conv: TinyConv | None = None) -> tuple[np.ndar
 # --------------------------------------------------------------------------- TFLite
 
 # Enum values from the TFLite schema (tflite.BuiltinOperator / TensorType / BuiltinOptions).
+import tflite  # noqa: E402
 from tflite.BuiltinOperator import BuiltinOperator  # noqa: E402
 from tflite.BuiltinOptions import BuiltinOptions  # noqa: E402
 from tflite.Padding import Padding  # noqa: E402
 from tflite.TensorType import TensorType  # noqa: E402
-import tflite  # noqa: E402
 
 
 @dataclass(frozen=True)

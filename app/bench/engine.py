@@ -1,17 +1,18 @@
-"""`edgebatch bench engine`: the bare pipeline in one process, per batch size.
+"""`edgebatch bench engine`: the detector's batch handler in one process, per batch size.
 
-Decode + letterbox, batch, engine, boxes + NMS, one batch after another in one
-thread: the reference the HTTP path is measured against (serving overhead =
-HTTP images/s over this).
+Each batch of JPEGs goes through ``Detector.handle_batch``, the same call the Serve
+replica makes (decode + letterbox, engine, boxes + NMS), one batch after another:
+the reference the HTTP path is measured against (serving overhead = HTTP images/s
+over this).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
-from app.detector import Detector
+from app.detector import Detector, DetectRequest
 
 
 @dataclass
@@ -28,7 +29,7 @@ class EngineRun:
 
 def run_pipeline(detector: Detector, jpegs: Sequence[bytes], batch_size: int, *, batches: int, warmup: int = 3) -> EngineRun:
     """Run ``batches`` full batches of ``batch_size`` JPEGs through every stage; time each batch."""
-    detector.pool.ensure(detector.config.variant_for(batch_size))
+    detector.pool.ensure(detector.variant_for(batch_size))
     latencies: list[float] = []
     k = 0
     total_images = 0
@@ -37,13 +38,10 @@ def run_pipeline(detector: Detector, jpegs: Sequence[bytes], batch_size: int, *,
         if i == warmup:
             t_begin = time.perf_counter()
         t0 = time.perf_counter()
-        items = []
-        for _ in range(batch_size):
-            items.append(detector.decode_request(jpegs[k % len(jpegs)]))
-            k += 1
-        results = detector.run_batch(items)
-        if any(r.error for r in results):
-            raise RuntimeError(f"pipeline failed: {results[0].error}")
+        items = [DetectRequest.encoded(jpegs[(k + j) % len(jpegs)]) for j in range(batch_size)]
+        k += batch_size
+        for r in detector.handle_batch(items):
+            r.unwrap()
         if i >= warmup:
             latencies.append(time.perf_counter() - t0)
             total_images += batch_size

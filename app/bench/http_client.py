@@ -12,8 +12,8 @@ import asyncio
 import json
 import multiprocessing as mp
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 

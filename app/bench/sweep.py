@@ -116,7 +116,7 @@ class UsageSampler:
         except Exception as exc:  # no library (CPU host), no GPU, Jetson (no NVML there)
             self.nvml_error = f"{type(exc).__name__}"
 
-    def __enter__(self) -> "UsageSampler":
+    def __enter__(self) -> UsageSampler:
         import psutil
 
         self._proc = psutil.Process()
@@ -194,7 +194,7 @@ def run_point(
                     t0 = time.perf_counter()
                     engines[i].run(batch)
                     latencies[i].append(time.perf_counter() - t0)
-            except BaseException as exc:  # noqa: BLE001 - reported as the stop reason
+            except BaseException as exc:  # any error: reported as the stop reason
                 errors.append(exc)
 
         threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(concurrency)]

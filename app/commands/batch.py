@@ -109,8 +109,8 @@ def _detector_for(model: str) -> tuple[str, Any]:
             continue
         handle = serve.get_deployment_handle("Detector", app_name=app_name)
         info = handle.info.remote().result(timeout_s=30)
-        seen.append(str(info.get("model")))
-        if info.get("model") == model:
+        seen.append(str(info.model))
+        if info.model == model:
             return app_name, handle
     raise NotFound(f"no detector serves model '{model}'; detectors serve: {', '.join(seen) or 'none'} (`edgebatch status`)")
 
@@ -131,8 +131,8 @@ def cmd_set(args: argparse.Namespace) -> int:
             info = handle.set_batch_size.remote(args.n).result(timeout_s=180)
         except Exception as exc:
             raise BadRequest(f"could not set {args.model} to batch {args.n}: {one_line(exc)[:300]}") from None
-        out = {"model": args.model, "app": app_name, "current_batch_size": info.get("max_batch_size"),
-               "loaded_variants": list(info.get("loaded_variants", {}))}
+        out = {"model": args.model, "app": app_name, "current_batch_size": info.max_batch_size,
+               "loaded_variants": sorted(info.loaded_variants)}
         line = f"{args.model}: batch size {out['current_batch_size']} (no controller running; set on the detector)"
     if args.json:
         print(json.dumps(out, default=str))

@@ -62,7 +62,7 @@ class ClosedLoop:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
-    def start(self) -> "ClosedLoop":
+    def start(self) -> ClosedLoop:
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="bench-adapt-load", daemon=True)
         self._thread.start()
         return self
@@ -164,17 +164,19 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     if APP_NAME not in serve.status().applications:
         raise Unavailable(f"the batch controller ({APP_NAME}) is not deployed; it is in deployments/serve_config.yaml")
     controller = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP_NAME)
-    detector = serve.get_deployment_handle("Detector", app_name="edgebatch")
+    from app.constants import DETECTOR_APP, DETECTOR_DEPLOYMENT
+
+    detector = serve.get_deployment_handle(DETECTOR_DEPLOYMENT, app_name=DETECTOR_APP)
     try:
         httpx.get(f"{base}/v2/health/ready", timeout=10).raise_for_status()
     except httpx.HTTPError as exc:
         raise Unavailable(f"the detector at {base} is not ready ({exc}); pass --url or --port") from None
     stats = detector.stats.remote().result(timeout_s=60)
-    allowed = sorted(stats["batch_sizes"])
+    allowed = sorted(stats.batch_sizes)
     sizes = parse_sizes(args.batch_sizes) if args.batch_sizes else allowed
     if set(sizes) - set(allowed):
         raise ConfigError(f"--batch-sizes {sizes} must be among the detector's variant sizes {allowed}")
-    original = stats["max_batch_size"]
+    original = stats.max_batch_size
     rows: list[dict[str, Any]] = []
     load = ClosedLoop(f"{base}/v1/detect", sample_jpegs(n=16), args.clients).start()
     try:
@@ -193,7 +195,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         t_conv = time.perf_counter()
         _wait(args.converge)
         t0 = time.perf_counter()
-        size_before = detector.info.remote().result(timeout_s=60)["max_batch_size"]
+        size_before = detector.info.remote().result(timeout_s=60).max_batch_size
         _wait(args.measure)
         t1 = time.perf_counter()
         ctl = _result(controller.status.remote(), 60)["detectors"][args.model]
@@ -206,7 +208,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
         # 3. a forced swap to a size whose variant is not resident
         _result(controller.set_policy.remote(args.model, MANUAL))
-        resident = sorted(int(s) for s in detector.info.remote().result(timeout_s=60)["loaded_variants"])
+        resident = sorted(detector.info.remote().result(timeout_s=60).loaded_variants)
         target = next((s for s in reversed(allowed) if s not in resident), next(s for s in allowed if s != adaptive_size))
         t_steady = time.perf_counter()
         _wait(args.swap_window)

@@ -27,7 +27,6 @@ import numpy as np
 
 from app.errors import BadRequest
 
-
 DEMO = Path(__file__).resolve().parents[1] / "demo" / "assets" / "detector.onnx"
 # name -> (channels, layers, spatial size) of the synthetic conv chains
 SYNTHETIC = {"conv-m": (384, 6, 24), "conv-l": (512, 6, 16)}
@@ -45,11 +44,11 @@ class BenchModel:
 
 
 def _prepare(names: list[str], stages: int, root: Path) -> list[BenchModel]:
+    import onnx
+
     from app.layered.executor import profile_stages_isolated
     from app.layered.synthetic import write_conv_chain
     from model_registry.split import cut_points, split_onnx
-
-    import onnx
 
     out = []
     for name in names:

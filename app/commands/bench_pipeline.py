@@ -60,7 +60,7 @@ def _frames(video: Path, n: int) -> tuple[list, float]:
 def delay_table(video: Path, sizes: list[int], fps: float, repeats: int, threads: int | None) -> list[dict]:
     import numpy as np
 
-    from app.pipeline import postprocess, prepare
+    from app.pipeline import prepare
     from app.streams.pipeline import demo_engine_stage
 
     stage, post, size = demo_engine_stage(max(sizes), threads)
@@ -74,7 +74,7 @@ def delay_table(video: Path, sizes: list[int], fps: float, repeats: int, threads
             t1 = time.perf_counter()
             out = stage.run_batch(np.ascontiguousarray(np.stack([it.tensor for it in items])))
             t2 = time.perf_counter()
-            postprocess(out, [it.letterbox for it in items], post.labels, layout=post.layout)
+            post.decode(out, [it.letterbox for it in items])
             t3 = time.perf_counter()
             if r:
                 pre.append(t1 - t0 + n * decode_s)

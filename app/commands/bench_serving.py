@@ -10,7 +10,8 @@ from app.config import DetectorConfig
 from app.errors import ConfigError, Unavailable
 from app.readiness import require_ready
 
-ENGINE_COLUMNS = [("batch_size", "batch"), ("images_per_s", "images/s"), ("p50_ms", "batch p50 ms"), ("p99_ms", "batch p99 ms"), ("images", "images")]
+ENGINE_COLUMNS = [("batch_size", "batch"), ("images_per_s", "images/s"), ("p50_ms", "batch p50 ms"), ("p99_ms", "batch p99 ms"),
+                  ("images", "images")]
 HTTP_COLUMNS = [
     ("batch_size", "batch"), ("clients", "clients"), ("images_per_s", "http images/s"), ("p50_ms", "p50 ms"),
     ("p99_ms", "p99 ms"), ("failed", "failed"), ("bare_images_per_s", "bare images/s"), ("ratio", "http/bare"),
@@ -19,7 +20,7 @@ HTTP_COLUMNS = [
 
 
 def add_serving_benches(bsub: argparse._SubParsersAction) -> None:
-    p = bsub.add_parser("engine", help="images/s and latency per batch size for the bare pipeline in one process")
+    p = bsub.add_parser("engine", help="images/s and latency per batch size for the replica's batch handler in one process")
     p.add_argument("--model", default="demo-detector")
     p.add_argument("--batch-sizes", default="1,2,4,8,16")
     p.add_argument("--batches", type=int, default=30, help="measured batches per size (after 3 warm-up batches)")
@@ -32,7 +33,8 @@ def add_serving_benches(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per batch size")
     p.add_argument("--warmup", type=float, default=2.0)
-    p.add_argument("--url", default=None, help="base URL of the running app (default: the address `edgebatch up` recorded for this instance)")
+    p.add_argument("--url", default=None,
+                   help="base URL of the running app (default: the address `edgebatch up` recorded for this instance)")
     p.add_argument("--protocol", choices=["v1", "v2"], default="v1", help="v1: JPEG to /v1/detect; v2: tensors to /v2 infer")
     p.add_argument("--external", action="store_true", help="target is not edgebatch (e.g. Triton): do not set batch sizes")
     p.add_argument("--no-bare", action="store_true", help="skip the bare-pipeline reference run")
@@ -77,7 +79,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
     best = max(rows, key=lambda r: r["images_per_s"])
     report = BenchReport("engine", ENGINE_COLUMNS, rows)
     report.notes.append(f"model {resolved.name} v{resolved.version}, input {resolved.input_size}, 1280x720 JPEG frames, "
-                        "decode+letterbox+engine+NMS sequentially in one thread")
+                        "Detector.handle_batch (the replica's batch handler: decode+letterbox, engine, NMS), one batch after another")
     report.summary = {"best_batch_size": best["batch_size"], "best_images_per_s": round(best["images_per_s"], 2)}
     report.emit(args.json)
     return 0
@@ -95,7 +97,7 @@ def _load_or_fail(url: str, bodies: list, args: argparse.Namespace):
 
 
 def cmd_http(args: argparse.Namespace) -> int:
-    from app.bench.http_client import run_load, v2_body
+    from app.bench.http_client import v2_body
     from app.bench.images import sample_jpegs
 
     sizes = parse_sizes(args.batch_sizes)
@@ -119,14 +121,16 @@ def cmd_http(args: argparse.Namespace) -> int:
 
     handle = None
     if not args.external:
-        from deployments import cluster, launcher
+        from deployments import cluster
 
         if not cluster.ray_running():
             raise Unavailable("no edgebatch instance is running here; start it with `edgebatch up` "
                               "(or pass --external --url for another server)")
         from ray import serve
 
-        handle = serve.get_deployment_handle("Detector", app_name=launcher.APP_NAME)
+        from app.constants import DETECTOR_APP, DETECTOR_DEPLOYMENT
+
+        handle = serve.get_deployment_handle(DETECTOR_DEPLOYMENT, app_name=DETECTOR_APP)
 
     bare: dict[int, float] = {}
     if not args.no_bare:

@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from app.errors import ConfigError, Unavailable
+from app.errors import ConfigError
 from app.instance import recorded_http_url
 from app.readiness import require_ready
 from app.state import StateDir
@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_sample_video)
 
     p = sub.add_parser("demo", help="send the sample video's frames to the running detector and score them")
-    p.add_argument("--url", default=None, help="base URL of the running app (default: the address `edgebatch up` recorded for this instance)")
+    p.add_argument("--url", default=None,
+                   help="base URL of the running app (default: the address `edgebatch up` recorded for this instance)")
     p.add_argument("--video", type=Path, default=None, help="video to send (default: the generated sample)")
     p.add_argument("--frames", type=int, default=150, help="frames to send")
     p.add_argument("--clients", type=int, default=8, help="concurrent requests (so the batcher forms batches)")
@@ -86,7 +87,6 @@ async def _send_frames(url: str, jpegs: list[bytes], clients: int) -> list[tuple
 
 def cmd_demo(args: argparse.Namespace) -> int:
     import cv2
-    import httpx
 
     from app.bench.report import percentiles
     from app.demo.video import read_ground_truth

@@ -99,8 +99,7 @@ def _labels_for(args: argparse.Namespace, repo, source: Path | None) -> tuple[li
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from model_registry.builders import (build_variants, parse_batch_sizes, parse_imgsz, parse_variant_args,
-                                         scan_variant_folder, with_labels)
+    from model_registry.builders import build_variants, parse_batch_sizes, parse_imgsz, parse_variant_args, scan_variant_folder, with_labels
     from model_registry.repository import validate_name
 
     validate_name(args.name)

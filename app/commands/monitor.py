@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from app.bench.report import format_table
-from app.errors import BadRequest, Unavailable
+from app.errors import BadRequest
 from app.monitoring.collectors import NodeCollector, NodeSample
 
 GIB = 1024**3

@@ -16,12 +16,20 @@ import time
 from pathlib import Path
 
 from app.errors import ConfigError, Unavailable
-from app.instance import (RAY_AUTH_MODE_ENV, RAY_AUTH_TOKEN_PATH_ENV, InstancePorts, InstanceRecord, ensure_ray_token,
-                          plan_ports, ray_auth_env)
+from app.instance import (
+    RAY_AUTH_MODE_ENV,
+    RAY_AUTH_TOKEN_PATH_ENV,
+    InstancePorts,
+    InstanceRecord,
+    ensure_ray_token,
+    plan_ports,
+    ray_auth_env,
+)
 from app.readiness import wait_ready
 from app.state import StateDir
 
 PORT_FLAGS = InstancePorts.OPTIONS
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument(flag, type=int, default=None, dest=f"port_{name}", metavar="PORT",
                        help=f"{what}; when left out, Ray's default if free, else a free port (recorded; see `status`)")
     p.add_argument("--no-dashboard", action="store_true", help="start the local head without the dashboard (no `serve deploy`)")
+    p.add_argument("--api-token", action="store_true",
+                   help="create this instance's API bearer token if it has none (<state>/api_token, 0600): every "
+                        "state-changing endpoint then needs it, and HTTP may bind other interfaces than 127.0.0.1 "
+                        "(docs/security.md)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the app to run")
     p.add_argument("--direct-ingress", action="store_true",
                    help="also serve HTTP straight from each ingress replica (Ray Serve's experimental direct "
@@ -129,6 +141,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         os.environ[config_file.DIRECT_INGRESS_ENV] = "1"
     where = args.config or config_file.DEFAULT_CONFIG
     config = config_file.load_serve_config(args.config, state)  # a bad field fails here, before Ray starts
+    token_note = _check_exposure(args, state, config)
     repo = ModelRepository.from_env(state)
     repo.check_available()
     version = ensure_demo_model(repo)
@@ -146,9 +159,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         wait_ready(base, timeout_s=60)
     except BaseException as exc:
         if started:  # a failed first `up` leaves no Ray process behind
-            from deployments import cluster
-
             import ray
+
+            from deployments import cluster
 
             ray.shutdown()
             cluster.stop_local(state)
@@ -162,11 +175,30 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"serving {det.get('model')} v{det.get('version')} at {base}  (max batch {det.get('max_batch_size')}, "
           f"variants loaded {list(det.get('loaded_variants', {}))}) in {time.perf_counter() - t0:.1f} s")
     print(f"try: curl -s -X POST --data-binary @image.jpg -H 'Content-Type: image/jpeg' {base}/v1/detect")
+    print(token_note)
     for url in direct_ingress_urls(launcher.APP_NAME):
         print(f"direct ingress (no proxy hop): {url}/v1/detect")
     print("Ray's own CLIs for this instance: eval \"$(edgebatch env)\"; then `serve status`, "
           "`serve deploy` a YAML from `edgebatch config export`")
     return 0
+
+
+def _check_exposure(args: argparse.Namespace, state: StateDir, config: dict) -> str:
+    """HTTP on another interface than loopback needs an API token (else anyone on the site network
+    could add streams or move batch sizes); says what the instance is exposed with."""
+    from app.security.auth import ensure_api_token, load_api_token, token_path
+
+    if args.api_token:
+        ensure_api_token(state)
+    host = str(config.get("http_options", {}).get("host", "127.0.0.1"))
+    if load_api_token(state) is None:
+        if host not in LOOPBACK_HOSTS:
+            raise ConfigError(f"http_options.host {host} would expose the API without a token; run "
+                              "`edgebatch up --api-token` (or set EDGEBATCH_API_TOKEN), or bind 127.0.0.1")
+        return ("API: no token configured, so HTTP listens on 127.0.0.1 only; `edgebatch up --api-token` "
+                "creates one (needed to bind other interfaces)")
+    return (f"API: state-changing endpoints need `Authorization: Bearer <token>` (the token is in "
+            f"{token_path(state)} or EDGEBATCH_API_TOKEN)")
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -243,7 +275,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _print_detector(det: dict) -> None:
-    print(f"  model {det['model']} v{det['version']} (alias {det['alias']}, backend {det['backend']})")
+    follows = f"pinned version {det['pinned_version']}" if det.get("pinned_version") else f"alias {det['alias']}"
+    print(f"  model {det['model']} v{det['version']} ({follows}, backend {det['backend']})")
     print(f"  batch: max {det['max_batch_size']}, wait {det['batch_wait_timeout_s']} s; "
           f"loaded variants {list(det['loaded_variants'])}; batches seen {det['batch_sizes_seen']}")
     refused = det.get("config_refused")

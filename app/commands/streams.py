@@ -9,14 +9,14 @@ from typing import Any
 from app.errors import BadRequest, EdgebatchError, NotFound, Unavailable
 
 
-
 def register(sub: argparse._SubParsersAction) -> None:
     streams = sub.add_parser("streams", help="real-time video streams through the batched detector")
     ssub = streams.add_subparsers(dest="streams_cmd", metavar="ACTION")
     ssub.required = True
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--url", default=None, help="base URL of the running app (default: the address `edgebatch up` recorded for this instance)")
+        p.add_argument("--url", default=None,
+                       help="base URL of the running app (default: the address `edgebatch up` recorded for this instance)")
         p.add_argument("--token", default=None, help="API bearer token (default: EDGEBATCH_API_TOKEN, else the "
                        "state folder's api_token file)")
         p.add_argument("--json", action="store_true", help="print the raw JSON answer")

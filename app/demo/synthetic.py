@@ -34,7 +34,7 @@ class GroundTruth:
         return {"box": [float(v) for v in self.box], "class_id": self.class_id, "label": self.label}
 
     @classmethod
-    def from_json(cls, obj: dict) -> "GroundTruth":
+    def from_json(cls, obj: dict) -> GroundTruth:
         x1, y1, x2, y2 = (float(v) for v in obj["box"])
         return cls(box=(x1, y1, x2, y2), class_id=int(obj["class_id"]), label=str(obj["label"]))
 

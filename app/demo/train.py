@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 import torch
-from torch.nn import functional as F
+from torch.nn import functional as F  # noqa: N812 - torch's own idiom
 
 from app.demo.network import Detector, DetectorSpec, export_onnx, make_anchor_points
 from app.demo.synthetic import LABELS, GroundTruth, box_iou, letterbox, render_scene, to_model_input

@@ -11,10 +11,9 @@ import ctypes
 import importlib.util
 from pathlib import Path
 
+from app.constants import BACKENDS
 from app.engines.base import Engine, ModelVariant, run_padded
 from app.errors import ConfigError, Unavailable
-
-BACKENDS = ("onnx", "tensorrt", "tflite", "edgetpu")
 
 __all__ = ["BACKENDS", "Engine", "ModelVariant", "available_backends", "create_engine", "new_engine", "run_padded"]
 

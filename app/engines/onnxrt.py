@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from app.constants import onnx_type
 from app.engines.base import Engine
 from app.errors import BadRequest, ConfigError, Unavailable
 
@@ -16,15 +17,6 @@ log = logging.getLogger(__name__)
 # Best first: ORT falls through the list per node, so a partial TensorRT graph still runs.
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
-_ORT_DTYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(uint8)": np.uint8,
-    "tensor(int8)": np.int8,
-    "tensor(int32)": np.int32,
-    "tensor(int64)": np.int64,
-}
 
 
 def choose_providers(available: list[str], requested: list[str] | None = None) -> list[str]:
@@ -109,7 +101,7 @@ class OnnxRuntimeEngine(Engine):
             )
         self._session = session
         self._input_name = inp.name
-        self._input_dtype = _ORT_DTYPES.get(inp.type, np.float32)
+        self._input_dtype = onnx_type(inp.type).numpy
         self._input_shape = (batch, *[int(d) for d in rest])  # type: ignore[misc]
         self._output_names = [o.name for o in session.get_outputs()]
         self._providers = list(session.get_providers())
@@ -123,7 +115,7 @@ class OnnxRuntimeEngine(Engine):
             n = 1
             for i, d in enumerate(out.shape):
                 n *= _static_dim(d) or (batch if i == 0 else 1)
-            total += n * np.dtype(_ORT_DTYPES.get(out.type, np.float32)).itemsize
+            total += n * onnx_type(out.type).numpy.itemsize
         return total
 
     def _require_loaded(self) -> Any:

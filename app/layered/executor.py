@@ -28,8 +28,8 @@ measurement started), and its load and run times for the planner.
 from __future__ import annotations
 
 import ctypes
-import functools
 import ctypes.util
+import functools
 import re
 import threading
 import time
@@ -70,7 +70,7 @@ class MemoryBudgetError(Unavailable):
         return _rebuild_budget_error, (self.message, self.needed_bytes, self.budget_bytes, self.stage)
 
 
-def _rebuild_budget_error(message: str, needed_bytes: int, budget_bytes: int, stage: int | None) -> "MemoryBudgetError":
+def _rebuild_budget_error(message: str, needed_bytes: int, budget_bytes: int, stage: int | None) -> MemoryBudgetError:
     return MemoryBudgetError(message, needed_bytes=needed_bytes, budget_bytes=budget_bytes, stage=stage)
 
 
@@ -133,7 +133,7 @@ class PeakRss:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         self.baseline = current_rss()
         self.peak = self.baseline
         if _hwm_available():
@@ -494,7 +494,7 @@ class LayeredExecutor:
                     break
                 try:
                     do(index)
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+                except BaseException as exc:  # any error: handed to the caller below
                     failed.append(exc)
                     for event in done:
                         event.set()  # wake the other worker so it stops too

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.constants import onnx_type, onnx_type_of_elem
 from app.errors import BadRequest, EdgebatchError
 from app.layered.executor import (
     LayeredExecutor,
@@ -139,8 +140,6 @@ def graph_io(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[s
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    elem = {1: "tensor(float)", 10: "tensor(float16)", 11: "tensor(double)", 7: "tensor(int64)",
-            6: "tensor(int32)", 2: "tensor(uint8)"}
     initializers = {i.name for i in model.graph.initializer}
 
     def spec(values) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -150,16 +149,13 @@ def graph_io(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[s
                 continue
             t = v.type.tensor_type
             shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
-            out[v.name] = (shape, elem.get(t.elem_type, "tensor(float)"))
+            out[v.name] = (shape, onnx_type_of_elem(t.elem_type).ort)
         return out
 
     result = spec(model.graph.input), spec(model.graph.output)
     del model
     return result
 
-
-_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8}
 
 
 class MultiModelHost:
@@ -209,7 +205,7 @@ class MultiModelHost:
         specs = {n: (tuple(d if d > 0 else 1 for d in shape), t) for n, (shape, t) in input_specs.items()}
         staged = None
         if source.stage_paths:
-            sample = {n: np.zeros(shape, _NP_TYPES.get(t, np.float32)) for n, (shape, t) in specs.items()}
+            sample = {n: np.zeros(shape, onnx_type(t).numpy) for n, (shape, t) in specs.items()}
             staged = profile_stages_isolated(name, source.stage_paths, sample, self.options)
             factor = staged.bytes_per_file_byte
             whole_bytes = max(staged.total_bytes, int(Path(source.whole_path).stat().st_size * factor))
@@ -376,7 +372,7 @@ class MultiModelHost:
                             f"{self.memory.budget_bytes / 1e6:.1f} MB", needed_bytes=need,
                             budget_bytes=self.memory.budget_bytes)
                     candidates[pending.request_id] = (pending, hosted)
-                except Exception as exc:  # noqa: BLE001 - the request fails, the host goes on
+                except Exception as exc:  # any error: the request fails, the host goes on
                     self._finish(pending, exc)
             if not candidates:
                 return True
@@ -398,7 +394,7 @@ class MultiModelHost:
             pending, hosted = candidates[chosen]
             try:
                 outcome = self._serve(pending, hosted)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # any error: the request fails, the host goes on
                 self._finish(pending, exc)
             else:
                 outcome.evicted = made_room + outcome.evicted

@@ -35,7 +35,8 @@ def _valid(token: str, where: str) -> str:
 
 
 def ensure_api_token(state: StateDir) -> str:
-    """The configured token: ``EDGEBATCH_API_TOKEN``, else the state folder's, made (random, 256 bits, file mode 0600) when there is none yet."""
+    """The configured token: ``EDGEBATCH_API_TOKEN``, else the state folder's, made (random, 256 bits,
+    file mode 0600) when there is none yet."""
     env = load_api_token(state) if os.environ.get(TOKEN_ENV, "").strip() else None
     if env is not None:
         return env  # the operator's own token wins over the file

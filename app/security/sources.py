@@ -13,12 +13,16 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.errors import BadRequest
 from app.security.paths import OutsideRoot, inside
+
+if TYPE_CHECKING:  # app.streams.source imports this module
+    from app.streams.source import SourceSpec
 
 URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _USERINFO_RE = re.compile(r"(?<=://)[^/@\s]*@")
@@ -72,7 +76,7 @@ class SourcePolicy(BaseModel):
         if raw.isdigit() or (URL_RE.match(raw) and not raw.lower().startswith("file://")):
             self.check(raw, Path("/nonexistent"))
 
-    def check(self, source: str | int, default_folder: Path) -> "SourceSpec":
+    def check(self, source: str | int, default_folder: Path) -> SourceSpec:
         """The allowed ``SourceSpec`` for ``source``, or one BadRequest; nothing is opened here."""
         from app.streams.source import SourceSpec
 

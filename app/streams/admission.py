@@ -8,12 +8,13 @@ which leaves the rest to HTTP clients and to the readers' own decoding on the sa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.errors import TooManyRequests, Unavailable
+from app.replica_status import DetectorInfo
 
 
 class AdmissionConfig(BaseModel):
@@ -33,16 +34,16 @@ class Capacity:
     basis: str
 
 
-def measured_rate(loaded_variants: Mapping[str, Mapping[str, Any]]) -> float | None:
+def measured_rate(run_s_by_size: Mapping[int | str, float]) -> float | None:
     """Images/s of the fastest loaded variant (batch size / measured seconds per batch)."""
-    rates = [int(b) / float(v["run_s"]) for b, v in loaded_variants.items() if float(v.get("run_s") or 0) > 0]
+    rates = [int(b) / float(s) for b, s in run_s_by_size.items() if float(s or 0) > 0]
     return max(rates) if rates else None
 
 
-def stream_capacity(config: AdmissionConfig, detector_info: Mapping[str, Any]) -> Capacity:
+def stream_capacity(config: AdmissionConfig, detector_info: DetectorInfo) -> Capacity:
     if config.max_stream_fps is not None:
         return Capacity(config.max_stream_fps, "the configured admission.max_stream_fps")
-    rate = measured_rate(detector_info.get("loaded_variants") or {})
+    rate = measured_rate({size: v.run_s for size, v in detector_info.loaded_variants.items()})
     if rate is None:
         raise Unavailable("the detector has not measured its speed yet (no variant loaded); retry shortly")
     return Capacity(rate * config.headroom,

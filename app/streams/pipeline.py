@@ -20,13 +20,14 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
 from app.errors import BadRequest, NotFound, one_line
-from app.pipeline import Letterbox, postprocess, prepare
+from app.pipeline import Letterbox, Postprocessor, PostprocessSettings, prepare
 from app.streams.reader import (
     BEHIND_POLICIES,
     Backoff,
@@ -80,15 +81,6 @@ class LocalEngineStage:
         dt = time.perf_counter() - t0
         result = EngineOutput([out[i] for i in range(len(rows))], dt, [len(rows)] * len(rows))
         return lambda: result
-
-
-@dataclass(frozen=True)
-class PostprocessParams:
-    labels: Sequence[str]
-    conf: float = 0.25
-    iou: float = 0.45
-    max_det: int = 300
-    layout: str = "auto"
 
 
 @dataclass
@@ -159,7 +151,7 @@ class StreamPipeline:
         engine: EngineStage,
         *,
         input_size: tuple[int, int],
-        post: PostprocessParams,
+        post: Postprocessor,
         batch_wait_s: float = 0.005,
         preprocess_workers: int = 1,
         stage_bound: int = 32,
@@ -182,7 +174,7 @@ class StreamPipeline:
         self._started = False
 
     # -- control -----------------------------------------------------------
-    def start(self) -> "StreamPipeline":
+    def start(self) -> StreamPipeline:
         if not self._started:
             self._started = True
             for t in self._threads:
@@ -370,9 +362,7 @@ class StreamPipeline:
             dets_by_id: dict[int, list] = {}
             if error is None and good:
                 try:
-                    dets = postprocess(np.stack(out.rows), [w.letterbox for w in good], self.post.labels,
-                                       conf=self.post.conf, iou=self.post.iou, max_det=self.post.max_det,
-                                       layout=self.post.layout)
+                    dets = self.post.decode(np.stack(out.rows), [w.letterbox for w in good])
                     dets_by_id = {id(w): d for w, d in zip(good, dets)}
                 except Exception as exc:
                     error = f"post-processing failed: {exc}"
@@ -454,7 +444,7 @@ def _failed(exc: Exception) -> Callable[[], EngineOutput]:
     return waiter
 
 
-def demo_engine_stage(max_batch: int = 8, threads: int | None = None) -> tuple[LocalEngineStage, PostprocessParams, tuple[int, int]]:
+def demo_engine_stage(max_batch: int = 8, threads: int | None = None) -> tuple[LocalEngineStage, Postprocessor, tuple[int, int]]:
     """The bundled demo detector (dynamic batch axis) as a local engine stage, no registry and no Ray:
     bench and tests. Each formed batch runs at its own size, never padded."""
     import json
@@ -474,4 +464,4 @@ def demo_engine_stage(max_batch: int = 8, threads: int | None = None) -> tuple[L
     name = session.get_inputs()[0].name
     stage = LocalEngineStage(lambda batch: session.run(None, {name: batch})[0], max_local_batch=max_batch)
     labels = meta["labels"]
-    return stage, PostprocessParams(labels=labels, layout=meta.get("layout", "auto")), tuple(meta["input_size"])
+    return stage, Postprocessor(labels, PostprocessSettings(layout=meta.get("layout", "auto"))), tuple(meta["input_size"])

@@ -12,9 +12,10 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -67,7 +68,7 @@ class Backoff:
 class StreamQueue:
     """One stream's bounded frame queue inside a ``FrameMux`` (shares the mux's lock)."""
 
-    def __init__(self, mux: "FrameMux", stream_id: str, capacity: int, policy: BehindPolicy) -> None:
+    def __init__(self, mux: FrameMux, stream_id: str, capacity: int, policy: BehindPolicy) -> None:
         self.mux = mux
         self.stream_id = stream_id
         self.capacity = capacity
@@ -197,7 +198,7 @@ class FrameReader:
         options: ReaderOptions | None = None,
         *,
         opener: Opener = open_capture,
-        on_exit: Callable[["FrameReader"], None] | None = None,
+        on_exit: Callable[[FrameReader], None] | None = None,
         clock: Callable[[], float] = time.time,
         node: str | None = None,
     ) -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import queue
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import numpy as np

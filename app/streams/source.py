@@ -6,9 +6,10 @@ so a typo or an unreachable camera is a 400 at creation, never a stream that die
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -47,7 +48,7 @@ class SourceSpec:
         return self.kind != "file"
 
     @classmethod
-    def parse(cls, text: str | int) -> "SourceSpec":
+    def parse(cls, text: str | int) -> SourceSpec:
         raw = str(text).strip()
         if not raw:
             raise BadRequest("empty source: give a video file path, a URL (rtsp://, http://) or a camera index like 0")
@@ -60,7 +61,7 @@ class SourceSpec:
         return cls._file(raw, raw)
 
     @classmethod
-    def _file(cls, text: str, path: str) -> "SourceSpec":
+    def _file(cls, text: str, path: str) -> SourceSpec:
         """A local file for a trusted caller (bench, local pipeline); HTTP requests go through
         ``app.security.sources.SourcePolicy.check`` instead."""
         p = Path(path).expanduser()

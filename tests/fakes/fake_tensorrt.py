@@ -231,13 +231,13 @@ def make_fake_cudart(gpu: FakeGpu) -> types.ModuleType:
     """``cuda.bindings.runtime``: every call returns ``(cudaError_t, *values)``."""
 
     class cudaError_t(enum.IntEnum):  # noqa: N801 - the real name
-        cudaSuccess = 0
-        cudaErrorInvalidValue = 1
-        cudaErrorInvalidDevice = 101
+        cudaSuccess = 0  # noqa: N815 - CUDA's name
+        cudaErrorInvalidValue = 1  # noqa: N815 - CUDA's name
+        cudaErrorInvalidDevice = 101  # noqa: N815 - CUDA's name
 
     class cudaMemcpyKind(enum.IntEnum):  # noqa: N801
-        cudaMemcpyHostToDevice = 1
-        cudaMemcpyDeviceToHost = 2
+        cudaMemcpyHostToDevice = 1  # noqa: N815 - CUDA's name
+        cudaMemcpyDeviceToHost = 2  # noqa: N815 - CUDA's name
 
     ok = cudaError_t.cudaSuccess
 
