@@ -15,13 +15,13 @@ from typing import Any
 
 import yaml
 
+from app.constants import DETECTOR_APP_IMPORT_PATH, DETECTOR_DEPLOYMENT
 from app.errors import ConfigError
 from app.imaging import DEFAULT_MAX_IMAGE_PIXELS, OPENCV_PIXELS_ENV
 from app.state import StateDir
 
 DEFAULT_CONFIG = Path(__file__).with_name("serve_config.yaml")
 DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
-DETECTOR_IMPORT_PATH = "deployments.app:build_app"
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -143,10 +143,10 @@ def check_detector_configs(config: dict[str, Any]) -> None:
     from app.config import DetectorConfig, parse_config
 
     for i, app in enumerate(config.get("applications", [])):
-        if app.get("import_path") != DETECTOR_IMPORT_PATH:
+        if app.get("import_path") != DETECTOR_APP_IMPORT_PATH:
             continue
         for j, dep in enumerate(app.get("deployments") or []):
-            if dep.get("name") == "Detector" and dep.get("user_config") is not None:
+            if dep.get("name") == DETECTOR_DEPLOYMENT and dep.get("user_config") is not None:
                 where = f"applications[{i}] ({app.get('name')}).deployments[{j}].user_config"
                 parse_config(DetectorConfig, dep["user_config"], where)
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from app.constants import DETECTOR_APP
 from app.errors import Unavailable
 from deployments.status import cause_line, serve_summary
-
-APP_NAME = "edgebatch"
 
 
 def deploy(config: dict[str, Any]) -> float:
@@ -33,7 +32,7 @@ def deploy(config: dict[str, Any]) -> float:
     return submitted
 
 
-def wait_running(app_name: str = APP_NAME, timeout_s: float = 180.0, since: float | None = None) -> dict[str, Any]:
+def wait_running(app_name: str = DETECTOR_APP, timeout_s: float = 180.0, since: float | None = None) -> dict[str, Any]:
     """Poll Serve's status until the app runs; surface the reason when it cannot (deploy failure,
     a resource no node has). With ``since`` (from `deploy`), a status older than that deploy (a
     DEPLOY_FAILED left by the previous config) is not taken as this deploy's answer."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from app.constants import DETECTOR_DEPLOYMENT
 from app.errors import one_line
 
 
@@ -72,13 +73,13 @@ def serve_summary() -> dict[str, Any]:
             "message": cause_line(app.message),
             "deployments": deps,
         }
-        if "Detector" in deps and entry["status"] == "RUNNING":
+        if DETECTOR_DEPLOYMENT in deps and entry["status"] == "RUNNING":
             try:
-                handle = serve.get_deployment_handle("Detector", app_name=app_name)
+                handle = serve.get_deployment_handle(DETECTOR_DEPLOYMENT, app_name=app_name)
                 entry["detector"] = _plain(handle.info.remote().result(timeout_s=10))
             except Exception as exc:  # status must never fail because one replica is busy
                 entry["detector"] = {"error": one_line(exc)}
-        urls = direct_ingress_urls(app_name) if "Detector" in deps else []
+        urls = direct_ingress_urls(app_name) if DETECTOR_DEPLOYMENT in deps else []
         if urls:
             entry["direct_ingress"] = urls
         out["applications"][app_name] = entry

@@ -107,6 +107,7 @@ class ClosedLoop:
 
 def _ensure_app(args: argparse.Namespace) -> str:
     """Join the running app, or start Ray in this process and deploy the Serve config; the base URL."""
+    from app.constants import DETECTOR_APP
     from app.instance import recorded_http_url
     from app.state import StateDir
     from deployments import cluster, launcher
@@ -116,7 +117,7 @@ def _ensure_app(args: argparse.Namespace) -> str:
     if not args.own_ray and cluster.ray_running(state=state):
         from ray import serve
 
-        if launcher.APP_NAME not in serve.status().applications:
+        if DETECTOR_APP not in serve.status().applications:
             raise Unavailable("Ray runs but the edgebatch app is not deployed; run `edgebatch up` first")
         return args.url or recorded_http_url(state)
     import ray

@@ -13,8 +13,10 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+from app.constants import DETECTOR_APP
 from app.errors import ConfigError, Unavailable
 from app.instance import (
     RAY_AUTH_MODE_ENV,
@@ -171,12 +173,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise
     record.http_url = base
     record.save(state)
-    det = summary["applications"].get(launcher.APP_NAME, {}).get("detector", {})
+    det = summary["applications"].get(DETECTOR_APP, {}).get("detector", {})
     print(f"serving {det.get('model')} v{det.get('version')} at {base}  (max batch {det.get('max_batch_size')}, "
           f"variants loaded {list(det.get('loaded_variants', {}))}) in {time.perf_counter() - t0:.1f} s")
     print(f"try: curl -s -X POST --data-binary @image.jpg -H 'Content-Type: image/jpeg' {base}/v1/detect")
     print(token_note)
-    for url in direct_ingress_urls(launcher.APP_NAME):
+    for url in direct_ingress_urls(DETECTOR_APP):
         print(f"direct ingress (no proxy hop): {url}/v1/detect")
     print("Ray's own CLIs for this instance: eval \"$(edgebatch env)\"; then `serve status`, "
           "`serve deploy` a YAML from `edgebatch config export`")
@@ -245,7 +247,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     summary["instance"] = {"state": str(state.root), "address": cluster.cluster_address(state),
                            "http_url": record.http_url if record else None,
                            "started_head": record.started_head if record else False,
-                           "ports": record.ports.__dict__ if record and record.ports else None}
+                           "ports": asdict(record.ports) if record and record.ports else None}
     if args.json:
         print(json.dumps(summary, default=str))
         return 0
