@@ -175,6 +175,8 @@ class TenancyConfig(BaseModel):
     models: list[TenantModel] = Field(min_length=1)
     graceful_shutdown_timeout_s: float = Field(5.0, ge=0.0, le=600.0)
     max_ongoing_requests: int = Field(64, ge=1, le=10000, description=">= max_batch_size x engine_instances")
+    auth_inference: bool = Field(False, description="/tenancy/<model>/v1/detect needs the API bearer token too")
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
 
     @model_validator(mode="after")
     def _unique(self) -> TenancyConfig:

@@ -102,6 +102,14 @@ def install_error_handlers(api: FastAPI) -> None:
     api.add_middleware(_InternalErrors)
 
 
+async def read_inference_body(request: Request, limit: int, token: TokenCheck, guarded: bool) -> bytes:
+    """An inference request's body: the API token first when the operator guards inference
+    (``auth_inference``), so nothing about the model is told to a client without it."""
+    if guarded:
+        token.require(request.headers, "inference")
+    return await read_body(request, limit)
+
+
 async def read_body(request: Request, limit: int, setting: str = "max_body_bytes") -> bytes:
     """The request body, refused with 413 past ``limit`` bytes: at once from Content-Length, else
     while streaming (a chunked body declares no length), so an oversized body is never held whole."""

@@ -24,7 +24,7 @@ from app.oip import ModelSignature, TensorSpec, encode_infer_response, model_met
 from app.security.auth import TokenCheck
 from deployments.decoding import V2BodyDecoder
 from deployments.detector import DetectorReplica
-from deployments.http import error_responses, install_error_handlers, read_body
+from deployments.http import error_responses, install_error_handlers, read_inference_body
 
 api = FastAPI(title="edgebatch", description="Batched object detection on Ray Serve")
 install_error_handlers(api)
@@ -66,9 +66,7 @@ class GuardedBody:
 
     async def _body(self, request: Request) -> bytes:
         config = self._config or DetectorConfig()
-        if config.auth_inference:
-            self._token.require(request.headers, "inference")
-        return await read_body(request, config.max_body_bytes)
+        return await read_inference_body(request, config.max_body_bytes, self._token, config.auth_inference)
 
 
 class V1Routes(GuardedBody):

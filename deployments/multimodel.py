@@ -34,7 +34,7 @@ from app.layered.multimodel import ModelSource, MultiModelConfig, MultiModelHost
 from app.security.auth import TokenCheck
 from app.state import StateDir
 from deployments.decoding import V2BodyDecoder
-from deployments.http import install_error_handlers, read_body
+from deployments.http import install_error_handlers, read_inference_body
 
 log = logging.getLogger("ray.serve")
 
@@ -123,9 +123,7 @@ class MultiModelDeployment:
         from app.oip import encode_infer_response
 
         config = self._config or MultiModelConfig()
-        if config.auth_inference:
-            self._token.require(request.headers, "inference")
-        body = await read_body(request, config.max_body_bytes)
+        body = await read_inference_body(request, config.max_body_bytes, self._token, config.auth_inference)
         source, sig = await self._signature(name)
         if version is not None and version != source.version:
             raise NotFound(f"model {name} is served at version {source.version}, not {version}")

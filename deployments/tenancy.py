@@ -37,9 +37,10 @@ from ray.serve import Application
 from app.constants import DETECTOR_DEPLOYMENT
 from app.detector import DetectRequest
 from app.errors import BadRequest, ConfigError, NotFound, PayloadTooLarge, Unavailable
+from app.security.auth import TokenCheck
 from app.tenancy import PlacementSpec, TenancyConfig, deployment_name, parse_tenancy, split_deployment_name
 from deployments.detector import DetectorReplica, PlacedResult
-from deployments.http import as_edgebatch_error, install_error_handlers, read_body
+from deployments.http import as_edgebatch_error, install_error_handlers, read_inference_body
 from policies.placement import Placement, PlacementPlan, concurrency_level, route_weights
 
 log = logging.getLogger("ray.serve")
@@ -47,7 +48,6 @@ log = logging.getLogger("ray.serve")
 api = FastAPI(title="edgebatch tenancy", description="Several models, each spread over its placements")
 install_error_handlers(api)
 
-MAX_BODY_BYTES = 20 * 1024 * 1024
 
 
 def capacity_plan(config: TenancyConfig) -> PlacementPlan:
@@ -124,8 +124,12 @@ class ModelRouter:
     """Spreads each model's requests over its placements by capacity; skips a placement that is down."""
 
     def __init__(self, routes: dict[str, list[dict[str, Any]]], placement_timeout_s: float = 30.0,
-                 retry_after_s: float = 15.0) -> None:
+                 retry_after_s: float = 15.0, *, auth_inference: bool = False,
+                 max_body_bytes: int = 20 * 1024 * 1024) -> None:
         self._routes = routes
+        self._token = TokenCheck()
+        self._auth_inference = auth_inference
+        self._max_body_bytes = max_body_bytes
         self._timeout_s = placement_timeout_s
         self._retry_after_s = retry_after_s
         self._down_until: dict[str, float] = {}
@@ -153,8 +157,8 @@ class ModelRouter:
         """Handle and HTTP path: one image to one of the model's placements."""
         if not body:
             raise BadRequest("empty request body: send a JPEG or PNG image as the body")
-        if len(body) > MAX_BODY_BYTES:
-            raise PayloadTooLarge(f"body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
+        if len(body) > self._max_body_bytes:
+            raise PayloadTooLarge(f"body of {len(body)} bytes exceeds max_body_bytes={self._max_body_bytes}")
         last: str = "no placement answered"
         for row in self._order(model):
             name = row["deployment"]
@@ -195,7 +199,7 @@ class ModelRouter:
 
     @api.post("/{model}/v1/detect")
     async def http_detect(self, model: str, request: Request) -> JSONResponse:
-        body = await read_body(request, MAX_BODY_BYTES, "the router's body limit")
+        body = await read_inference_body(request, self._max_body_bytes, self._token, self._auth_inference)
         return JSONResponse(await self.detect_bytes(model, body))
 
 
@@ -216,7 +220,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
                 graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
             ).bind()
     return ModelRouter.options(graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s).bind(
-        table, **router_opts
+        table, **router_opts, auth_inference=config.auth_inference, max_body_bytes=config.max_body_bytes
     )
 
 

@@ -205,3 +205,43 @@ def test_status_says_why_when_no_node_has_the_tag(deployed, jpeg):
     # the model keeps serving from the placement that is left
     out = _router().detect_bytes.remote(MODEL, jpeg).result(timeout_s=120)
     assert out["placement"] == "edgetpu"
+
+
+def test_the_router_guards_inference_with_the_api_token_when_asked(state, monkeypatch):
+    """``auth_inference`` in the tenancy args: /tenancy/<model>/v1/detect answers 401 without the
+    token (before it reads the body or picks a placement), and passes with it."""
+    import asyncio
+    import types
+
+    from starlette.requests import Request
+
+    from app.errors import Unauthorized
+    from app.security.auth import TOKEN_ENV, TokenCheck
+    from deployments.tenancy import ModelRouter
+
+    token = "t" * 32
+    monkeypatch.setenv(TOKEN_ENV, token)
+    args = {k: v for k, v in tenancy_app()["args"].items() if k not in ("placement_timeout_s", "retry_after_s")}
+    assert parse_tenancy({**args, "auth_inference": True}).auth_inference  # the router's own knobs are popped
+    route = ModelRouter.func_or_class.http_detect  # the route as Serve runs it, on a stand-in router
+
+    async def detect_bytes(model: str, body: bytes) -> dict:
+        return {"model": model, "bytes": len(body)}
+
+    def call(headers: dict[str, str], guarded: bool = True):
+        router = types.SimpleNamespace(_token=TokenCheck(state), _auth_inference=guarded,
+                                       _max_body_bytes=1 << 20, detect_bytes=detect_bytes)
+        scope = {"type": "http", "method": "POST", "path": f"/{MODEL}/v1/detect",
+                 "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"jpeg", "more_body": False}
+
+        return asyncio.run(route(router, MODEL, Request(scope, receive)))
+
+    with pytest.raises(Unauthorized, match="needs the API token"):
+        call({})
+    with pytest.raises(Unauthorized, match="not this server's API token"):
+        call({"Authorization": "Bearer " + "x" * 32})
+    assert call({"Authorization": f"Bearer {token}"}).status_code == 200
+    assert call({}, guarded=False).status_code == 200  # off by default: inference stays open on loopback
