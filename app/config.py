@@ -40,6 +40,10 @@ class DetectorConfig(BaseModel):
     max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1, le=1 << 30,
                                   description="images whose header declares more pixels get 400, before decoding")
     auth_inference: bool = Field(False, description="inference (/v1/detect, /v2 infer) needs the API bearer token too")
+    deadline_s: float = Field(3.0, gt=0, le=600, description="a request's time budget when the client gives none: "
+                              "one that cannot start in time is refused at once (503 + Retry-After)")
+    max_deadline_s: float = Field(30.0, gt=0, le=3600, description="the longest budget a client may ask for "
+                                  "(X-Request-Timeout header, or the v2 'timeout' parameter)")
     intra_op_threads: int | None = Field(
         None, ge=1, description="ONNX Runtime threads per engine; unset = all cores but one in a replica")
     intra_op_spinning: bool = Field(

@@ -18,7 +18,8 @@ from app.errors import EdgebatchError
 
 # -- Serve applications and deployments ------------------------------------------
 DETECTOR_APP = "edgebatch"
-DETECTOR_DEPLOYMENT = "Detector"  # handle-only in tenancy; the HTTP ingress of the `edgebatch` app
+DETECTOR_DEPLOYMENT = "Detector"  # handle-only everywhere: reached through the gateway, readers, the router
+GATEWAY_DEPLOYMENT = "Gateway"  # the `edgebatch` app's HTTP ingress in front of its Detector
 DETECTOR_APP_IMPORT_PATH = "deployments.app:build_app"
 CONTROLLER_APP = "edgebatch-controller"
 CONTROLLER_DEPLOYMENT = "BatchController"

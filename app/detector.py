@@ -28,7 +28,7 @@ import numpy as np
 
 from app.config import DetectorConfig
 from app.engines.base import Engine, ModelVariant, run_padded
-from app.errors import BadRequest, EdgebatchError, PayloadTooLarge, Unavailable
+from app.errors import BadRequest, EdgebatchError, Overloaded, PayloadTooLarge, Unavailable
 from app.pipeline import Detection, Letterbox, Postprocessor, PostprocessSettings, prepare
 
 log = logging.getLogger(__name__)
@@ -245,6 +245,8 @@ class DetectRequest:
     kind: RequestKind
     data: bytes | np.ndarray
     enqueued_at: float | None = None  # perf_counter() when it entered the replica's batcher
+    deadline_s: float | None = None  # the caller's time budget left when it sent the item
+    expires_at: float | None = None  # perf_counter() past which the replica refuses it unrun
 
     @classmethod
     def encoded(cls, body: bytes) -> DetectRequest:
@@ -474,6 +476,11 @@ class Detector:
 
     def _prepare(self, item: DetectRequest) -> _Prepared:
         t0 = time.perf_counter()
+        if item.expires_at is not None and t0 > item.expires_at:  # its budget ran out in the queue: refuse, unrun
+            waited = t0 - (item.enqueued_at or t0)
+            return _Prepared(None, None, 0.0, Overloaded(
+                f"overloaded: waited {waited:.2f} s in the queue, past its {item.deadline_s or 0:.2f} s deadline; retry",
+                retry_after_s=1.0, queue={"waited_s": round(waited, 3)}))
         try:
             tensor, letterbox = self._preprocess(item)
         except EdgebatchError as exc:

@@ -64,3 +64,33 @@ class TooManyRequests(EdgebatchError):
     """Admission refused: the capacity left is in the message."""
 
     status = 429
+
+
+class Overloaded(EdgebatchError):
+    """Refused at once because it could not be served before its deadline (load shedding): the reply
+    names the queue it would have joined and tells the client when to come back (``Retry-After``)."""
+
+    status = 503
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, queue: dict | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(1, int(-(-retry_after_s // 1)))  # whole seconds, rounded up (RFC 9110)
+        self.queue = dict(queue or {})
+        self.headers = {"Retry-After": str(self.retry_after_s)}
+
+    def to_json(self) -> dict:
+        return {"error": self.message, "retry_after_s": self.retry_after_s, "queue": self.queue}
+
+
+class ReplicaLost(EdgebatchError):
+    """The replica that held a request died with it; another (or the restarted one) can take it again."""
+
+    status = 503
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(1, int(-(-retry_after_s // 1)))
+        self.headers = {"Retry-After": str(self.retry_after_s)}
+
+    def to_json(self) -> dict:
+        return {"error": self.message, "retry": True, "retry_after_s": self.retry_after_s}

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.constants import CONTROLLER_APP, CONTROLLER_DEPLOYMENT, DETECTOR_DEPLOYMENT
 from app.errors import BadRequest, NotFound, Unavailable, one_line
+from app.records import RecordStore
 from policies.batch_size import (
     DEFAULT_POLICY,
     POLICIES,
@@ -190,6 +191,23 @@ class DetectorControl:
     applies: int = 0  # sizes this controller applied: a reading taken across one is stale
     applying: bool = False
 
+    def to_record(self) -> dict[str, Any]:
+        """What an operator set and what was decided: the part that must outlive this replica."""
+        return {"model": self.model, "app": self.app, "policy": self.policy, "params": dict(self.params),
+                "fps": self.fps, "operator_set": self.operator_set, "pin": self.pin,
+                "last_decision": self.last_decision, "last_failure": self.last_failure,
+                "history": list(self.history)}
+
+    def restore(self, record: dict[str, Any]) -> None:
+        """Take back a record written by an earlier controller replica (Serve restarted it)."""
+        self.policy = str(record.get("policy", self.policy))
+        self.params = dict(record.get("params") or {})
+        self.fps = float(record.get("fps", self.fps))
+        self.operator_set = bool(record.get("operator_set", False))
+        self.pin = record.get("pin")
+        self.last_decision, self.last_failure = record.get("last_decision"), record.get("last_failure")
+        self.history.extend(record.get("history") or [])
+
     def policy_config(self) -> PolicyConfig:
         sizes = self.allowed or (1, 2, 4, 8, 16)
         params = {k: v for k, v in self.params.items() if k in TUNABLE}
@@ -242,12 +260,16 @@ class ControlLoop:
     A detector is known by the model it serves *now*: every reading names it, and when an app's
     detector switches to another model the old model's control (policy, pin, failures) is
     dropped and the new model starts afresh, so an operator addresses it by its new name.
+    With ``records``, each control's operator settings and decisions are written there on every
+    change and read back when the control is made again, so a restarted controller (or one that
+    lost sight of a restarting detector) keeps the policy and pin the operator left.
     """
 
     def __init__(self, config: ControllerConfig, *, on_decision: Callable[[DetectorControl, dict], None] | None = None,
                  sampler: Callable[[], dict[str, Any]] | None = None,
-                 promql: Callable[[str], list[Any]] | None = None) -> None:
+                 promql: Callable[[str], list[Any]] | None = None, records: RecordStore | None = None) -> None:
         self.config = config
+        self.records = records
         self.controls: dict[str, DetectorControl] = {}
         self.served: dict[str, str] = {}  # app -> the model its detector served at the last reading
         self._on_decision = on_decision
@@ -263,9 +285,41 @@ class ControlLoop:
         if ctl is None:
             ctl = DetectorControl(model, app, self.config.policy, dict(self.config.policy_params), self.config.stream_fps)
             ctl.window = deque(maxlen=self.config.window)
+            saved = self._read_record(model)
+            if saved is not None:
+                ctl.restore(saved)
+                if not ctl.operator_set:  # the config's policy rules every detector no operator set
+                    ctl.policy, ctl.params, ctl.fps = self.config.policy, dict(self.config.policy_params), self.config.stream_fps
             self.controls[model] = ctl
         ctl.app = app
         return ctl
+
+    def _read_record(self, model: str) -> dict[str, Any] | None:
+        if self.records is None:
+            return None
+        try:
+            return self.records.get(model)
+        except Exception as exc:  # the store is down: decide afresh rather than not at all
+            self.errors.append({"model": model, "error": f"could not read saved control: {one_line(exc)}", "at": time.time()})
+            return None
+
+    def _save(self, ctl: DetectorControl) -> None:
+        if self.records is None:
+            return
+        try:
+            self.records.put(ctl.model, ctl.to_record())
+        except Exception as exc:  # never stop deciding because the store hiccups; the status says so
+            self.errors.append({"model": ctl.model, "error": f"could not save control: {one_line(exc)}", "at": time.time()})
+
+    def _forget(self, model: str) -> None:
+        """The model is no longer served by any detector: its control (and record) go."""
+        self.controls.pop(model, None)
+        if self.records is not None:
+            try:
+                self.records.delete(model)
+            except Exception as exc:
+                self.errors.append({"model": model, "error": f"could not delete saved control: {one_line(exc)}",
+                                    "at": time.time()})
 
     def _known(self, app: str) -> DetectorControl | None:
         model = self.served.get(app)
@@ -284,8 +338,8 @@ class ControlLoop:
         size = int(stats["max_batch_size"])
         if before is not None and before != model:
             if before not in self.served.values():
-                self.controls.pop(before, None)  # no detector serves it any more
-            self.controls.pop(model, None)
+                self._forget(before)  # no detector serves it any more
+            self._forget(model)
             ctl = self.control_for(model, app)
             ctl.current, ctl.allowed = size, tuple(sorted(stats["batch_sizes"]))
             self._record(ctl, Decision(size, "keep", f"app {app} now serves {model} (was {before}): {before}'s policy, "
@@ -371,8 +425,8 @@ class ControlLoop:
     async def tick(self, clients: dict[str, DetectorClient]) -> None:
         """``clients``: app -> detector client. One window for every detector."""
         self.ticks += 1
-        for app in [a for a in self.served if a not in clients]:  # its app is gone: so is what we kept of it
-            model = self.served.pop(app)
+        for app in [a for a in self.served if a not in clients]:  # its app is gone (or restarting): drop it from
+            model = self.served.pop(app)                        # memory; its record brings it back when it returns
             if model not in self.served.values():
                 self.controls.pop(model, None)
         known = [self._known(app) for app in clients]
@@ -481,6 +535,7 @@ class ControlLoop:
         }
         ctl.last_decision = entry
         ctl.history.append(entry)
+        self._save(ctl)
         if decision.action != "keep" or decision.policy in ("operator", "controller"):
             log.info("batch controller: %s %s %s -> %s: %s", ctl.model, decision.action, decision.from_size,
                      decision.batch_size, decision.reason)
@@ -535,8 +590,11 @@ class BatchController:
     """One controller for every detector of the cluster; its loop runs inside the replica."""
 
     def __init__(self) -> None:
+        from deployments.records import GcsRecords
+
         self._config = ControllerConfig()
-        self._loop = ControlLoop(self._config, on_decision=self._export, sampler=_node_samples)
+        self._records = GcsRecords("controller")  # policies and pins outlive this replica (issue 15)
+        self._loop = ControlLoop(self._config, on_decision=self._export, sampler=_node_samples, records=self._records)
         self._task: asyncio.Task | None = None
         self._handles: dict[tuple[str, str], Any] = {}
         self._gauge = self._counter = None
@@ -563,7 +621,8 @@ class BatchController:
                 ctl.state, ctl.window = ControllerState(current=ctl.current), deque(maxlen=config.window)
         self._config = config
         served = self._loop.served
-        self._loop = ControlLoop(config, on_decision=self._export, sampler=_node_samples, promql=promql)
+        self._loop = ControlLoop(config, on_decision=self._export, sampler=_node_samples, promql=promql,
+                                 records=self._records)
         self._loop.controls, self._loop.served = controls, served  # keep what operators set across a config change
         self._ensure_running()
 

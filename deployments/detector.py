@@ -1,9 +1,10 @@
 """The detector replica: Serve's batcher in front of ``Detector.handle_batch``, reached by handles only.
 
 ``DetectorReplica`` owns the batcher, the model's variant pool (through ``app.detector``),
-``reconfigure`` and the stats; it has no HTTP routes. The ``edgebatch`` app serves it over HTTP
-with the thin ingress in ``deployments/ingress.py`` (the same class plus the /v1 and /v2 routes,
-in the same process: no extra hop); tenancy deploys it as it is, one deployment per placement.
+``reconfigure``, the deadline admission and the stats; it has no HTTP routes. The ``edgebatch``
+app serves it over HTTP through the gateway in ``deployments/gateway.py`` (its own deployment, so
+a replica that dies under a request is answered in JSON and retried); tenancy deploys it as it
+is, one deployment per placement.
 
 Every caller (HTTP v1 and v2, stream readers, the tenancy router) submits ``DetectRequest``
 items with ``detect``; ``@serve.batch`` forms batches across all of them and runs the core's
@@ -27,8 +28,10 @@ from ray import serve
 
 from app.config import DetectorConfig, parse_config
 from app.detector import Detector, DetectorRetired, DetectRequest, ItemResult, thresholds_of
-from app.errors import EdgebatchError, Unavailable, one_line
+from app.errors import EdgebatchError, Overloaded, Unavailable, one_line
 from app.monitoring.appmetrics import AppMetrics
+from app.oip import ModelSignature, TensorSpec
+from app.overload import QueueState, ServiceRate, admit
 from app.replica_status import ConfigRefusal, DetectorInfo, DetectorStats, LoadFailure, SwapRecord, VariantInfo
 from app.state import StateDir
 from model_registry.source import RegistryModelSource, ResolvedModel
@@ -106,6 +109,17 @@ class Batcher:
 
 
 @dataclass(frozen=True)
+class IngressSettings:
+    """The part of a detector's config its HTTP gateway applies (body limit, token, deadlines)."""
+
+    max_body_bytes: int
+    auth_inference: bool
+    deadline_s: float
+    max_deadline_s: float
+    loaded: bool
+
+
+@dataclass(frozen=True)
 class ReplicaLocation:
     """Which deployment (= placement), Ray node and process served a request."""
 
@@ -135,7 +149,7 @@ class DetectorReplica:
         self._config: DetectorConfig | None = None
         self._reconfigure_lock = asyncio.Lock()
         self._alias_task: asyncio.Task | None = None
-        self._counters = {"requests": 0, "errors": 0, "batches": 0, "items": 0}
+        self._counters = {"requests": 0, "errors": 0, "refused": 0, "batches": 0, "items": 0}
         self._batch_sizes_seen: dict[int, int] = {}
         self._last_swap: SwapRecord | None = None
         self._last_load_failure: LoadFailure | None = None
@@ -144,6 +158,7 @@ class DetectorReplica:
         self._exported: ExportedMetrics | None = None
         self._exported_at = 0.0
         self._batch_size_changed_at = self._metrics.now()
+        self._rate = ServiceRate()  # what the admission check drains the queue at
 
     # -- configuration ------------------------------------------------------
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -313,12 +328,29 @@ class DetectorReplica:
             return results
         raise Unavailable("the model was swapped several times under this batch; retry")
 
+    def queue_state(self) -> QueueState:
+        return QueueState(waiting=self.batcher.waiting, capacity_items_s=self._rate.capacity_items_s,
+                          d_batch_s=self._rate.d_batch_s, max_batch_size=self.batcher.max_batch_size,
+                          concurrent_batches=self.batcher.max_concurrent_batches)
+
     async def detect(self, request: DetectRequest) -> ItemResult:
-        """The one entry of every caller: an item into the shared batcher; its error is raised."""
+        """The one entry of every caller: an item into the shared batcher; its error is raised.
+
+        An item that cannot be done within its budget (the caller's, else ``deadline_s``) is refused at
+        once (``Overloaded``), and one whose budget runs out while it waits is refused unrun."""
         self._require_detector()
         self._counters["requests"] += 1
+        config = self._config or DetectorConfig()
+        budget = min(request.deadline_s, config.max_deadline_s) if request.deadline_s else config.deadline_s
         try:
-            return (await self.batcher.submit(dataclasses.replace(request, enqueued_at=time.perf_counter()))).unwrap()
+            admit(self.queue_state(), budget)
+            now = time.perf_counter()
+            item = dataclasses.replace(request, enqueued_at=now, deadline_s=budget, expires_at=now + budget)
+            return (await self.batcher.submit(item)).unwrap()
+        except Overloaded:
+            self._counters["refused"] += 1
+            self._record_drop("overloaded")
+            raise
         except EdgebatchError as exc:
             self._counters["errors"] += 1
             self._record_drop(type(exc).__name__)
@@ -346,6 +378,9 @@ class DetectorReplica:
             self._counters["items"] += b.items
             self._batch_sizes_seen[b.items] = self._batch_sizes_seen.get(b.items, 0) + 1
             waiting = max(self.batcher.waiting - b.items, 0)
+            self._rate.observe(b.items, b.preprocess_s + b.inference_s + b.postprocess_s,
+                               concurrent=self._detector.pool.instances if self._detector else 1,
+                               now=time.monotonic(), backlog=waiting)
             variant_size = b.variant.batch_size if b.variant else 0
             self._metrics.record_batch(b.items, variant_size, b.queue_s, b.preprocess_s, b.inference_s,
                                        b.postprocess_s, waiting)
@@ -394,6 +429,26 @@ class DetectorReplica:
         self._require_detector()
         assert self._model is not None  # set together with the detector
         return self._model
+
+    def signature(self) -> ModelSignature:
+        """The model's Open Inference Protocol v2 signature (the gateway checks names and shapes with it)."""
+        m = self.model()
+        lv = self._require_detector().pool.pick(1)
+        return ModelSignature(
+            name=m.name,
+            versions=[m.version],
+            platform="onnxruntime_onnx" if lv.variant.backend == "onnx" else lv.variant.backend,
+            inputs=[TensorSpec("images", "FP32", [-1, 3, m.input_size[0], m.input_size[1]])],
+            outputs=[TensorSpec("output0", "FP32", [-1, *lv.output_shape[1:]])],
+            max_batch_size=max(self._config.batch_sizes) if self._config else 16,
+        )
+
+    def ingress_settings(self) -> IngressSettings:
+        """What the HTTP gateway enforces before a body reaches this replica (from the live user_config)."""
+        c = self._config or DetectorConfig()
+        return IngressSettings(max_body_bytes=c.max_body_bytes, auth_inference=c.auth_inference,
+                               deadline_s=c.deadline_s, max_deadline_s=c.max_deadline_s,
+                               loaded=self._detector is not None)
 
     def stats(self, stream_fps: float | None = None, since: float | None = None) -> DetectorStats:
         """The controller's reading: the window snapshot (cut at the last batch-size change), the size

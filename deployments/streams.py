@@ -35,11 +35,24 @@ from app.replica_status import DetectorInfo
 from app.security.auth import TokenCheck
 from app.security.sources import SourcePolicy, redact
 from app.streams.admission import AdmissionConfig, admit, stream_capacity
+from app.streams.records import (
+    MAX_RELAUNCHES,
+    PROGRESS_INTERVAL_S,
+    Interruption,
+    ReaderProgress,
+    StreamRecord,
+    is_stream_key,
+    next_frame_after,
+    progress_key,
+    resumed_totals,
+)
+from app.streams.source import SourceSpec
 from deployments.http import as_edgebatch_error, error_responses, install_error_handlers, require_token_for_writes
 
 log = logging.getLogger("ray.serve")
 
 ACTOR_NAMESPACE = "edgebatch-streams"
+RECORD_PREFIX = "streams"  # the stream table's records in the GCS KV store (deployments.records)
 TERMINAL_STATES = ("finished", "failed", "stopped")
 api = FastAPI(title="edgebatch streams", description="Real-time video analytics through the batched detector",
               dependencies=[Depends(require_token_for_writes(TokenCheck()))])
@@ -141,13 +154,20 @@ class HandleEngineStage:
         return wait
 
 
-@ray.remote(num_cpus=0.1, max_concurrency=8)
+@ray.remote(num_cpus=0.1, max_concurrency=8, max_restarts=-1, max_task_retries=0)
 class StreamReaderActor:
-    """One stream: reader, pre- and post-processing on this node; inference through the detector handle."""
+    """One stream: reader, pre- and post-processing on this node; inference through the detector handle.
+
+    Detached and restartable: it outlives the streams ingress (a restarted ingress finds it by name),
+    and when its own process dies Ray starts it again, and it resumes from the progress it wrote.
+    """
 
     def __init__(self, stream_id: str, detector_app: str, detector_info: DetectorInfo) -> None:
+        import threading
+
         from app.pipeline import Postprocessor
         from app.streams.pipeline import StreamPipeline
+        from deployments.records import GcsRecords
 
         self.stream_id = stream_id
         handle = serve.get_deployment_handle(DETECTOR_DEPLOYMENT, app_name=detector_app)
@@ -160,10 +180,35 @@ class StreamReaderActor:
             max_in_flight=32,
         )
         self.results = None
+        self.records = GcsRecords(RECORD_PREFIX)
+        self.before = ReaderProgress()  # totals of the incarnations before this one
+        self._stopped = threading.Event()
+        self._started = False
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            self._resume()
 
-    def start(self, req: dict[str, Any], app_config: dict[str, Any]) -> dict[str, Any]:
+    def _resume(self) -> None:
+        """Ray restarted this actor after its process died: start the stream again where it was."""
+        record = self.records.get(self.stream_id)
+        if record is None:  # removed meanwhile: nothing to resume
+            return
+        rec = StreamRecord.from_dict(record)
+        self.before = ReaderProgress.from_dict(self.records.get(progress_key(self.stream_id)))
+        start = self.before.next_frame if not SourceSpec.parse(rec.request["source"]).is_live else 0
+        self.before.restarts.append(Interruption(time.time(), "reader_restarted",
+                                                 "the reader's process died; Ray restarted it",
+                                                 resumed_from_frame=start).to_dict())
+        try:
+            self.start(rec.request, rec.app_config, resume_from=start)
+        except EdgebatchError as exc:
+            log.warning("stream %s could not resume: %s", self.stream_id, exc.message)
+            self.before.state = "failed"
+            self._write_progress({"state": "failed", "reason": f"resume failed: {exc.message}"})
+
+    def start(self, req: dict[str, Any], app_config: dict[str, Any], resume_from: int | None = None) -> dict[str, Any]:
         """Check the request against the allowlists here (paths resolve on the reader's node), probe the
-        source, and only then open the outputs and start; the stream's status, or the error raised."""
+        source, and only then open the outputs and start; the stream's status, or the error raised.
+        ``resume_from``: a restarted stream, whose outputs are continued rather than started anew."""
         from pathlib import Path
 
         from app.security.paths import JSONL_SUFFIXES, VIDEO_SUFFIXES, OutputFolder
@@ -173,16 +218,20 @@ class StreamReaderActor:
         from app.streams.sinks import AnnotatedVideoSink, JsonlSink, ResultLog
 
         sinks: list[Any] = []
+        resumed = resume_from is not None
         try:
             config = StreamsAppConfig.model_validate(app_config)
             state = StateDir.default()
             outputs = OutputFolder(Path(config.output_folder) if config.output_folder else state.outputs)
             jsonl = outputs.resolve(req["jsonl"], "jsonl", JSONL_SUFFIXES) if req.get("jsonl") else None
             video = outputs.resolve(req["video_out"], "video_out", VIDEO_SUFFIXES) if req.get("video_out") else None
+            if video is not None and resumed:  # an mp4 cannot be appended to: the resumed part is its own file
+                video = video.with_name(f"{video.stem}.resumed-{len(self.before.restarts)}{video.suffix}")
             spec = config.sources.check(req["source"], state.videos)
             options = StreamOptions(
                 fps=req["fps"], behind=req["behind"], queue_bound=req["queue_bound"], loop=req["loop"],
                 backoff=Backoff(initial_s=req["reconnect_initial_s"], max_attempts=req["reconnect_attempts"]),
+                start_frame=resume_from or 0,
             )
             self.results = ResultLog(1024)
 
@@ -191,7 +240,7 @@ class StreamReaderActor:
                 if jsonl is not None or video is not None:
                     outputs.ensure()
                 if jsonl is not None:
-                    sinks.append(JsonlSink(jsonl))
+                    sinks.append(JsonlSink(jsonl, append=resumed))
                 if video is not None:
                     sinks.append(AnnotatedVideoSink(video, req["fps"]))
                 return sinks
@@ -202,16 +251,43 @@ class StreamReaderActor:
             for s in sinks:
                 s.close()
             raise
+        if not self._started:
+            self._started = True
+            import threading
+
+            threading.Thread(target=self._progress_loop, name="edgebatch-progress", daemon=True).start()
         return self.status()
 
+    def _progress_loop(self) -> None:
+        """Write position and counters about once a second, so a restart loses at most that much."""
+        while not self._stopped.wait(PROGRESS_INTERVAL_S):
+            try:
+                self._write_progress(self.pipeline.status(self.stream_id))
+            except Exception as exc:  # the store or the stream is gone for a moment: next round
+                log.debug("stream %s: progress not written: %s", self.stream_id, exc)
+
+    def _write_progress(self, status: dict[str, Any]) -> None:
+        totals = resumed_totals(self.before, status)
+        progress = ReaderProgress(next_frame=next_frame_after(status, self.before.next_frame),
+                                  state=str(status.get("state", "running")), restarts=self.before.restarts, **totals)
+        self.records.put(progress_key(self.stream_id), progress.to_dict())
+
     def status(self) -> dict[str, Any]:
-        return self.pipeline.status(self.stream_id)
+        if not self._started:
+            return {"id": self.stream_id, "state": self.before.state if self.before.restarts else "starting",
+                    "interruptions": self.before.restarts}
+        status = self.pipeline.status(self.stream_id)
+        if self.before.restarts:
+            status["totals"] = resumed_totals(self.before, status)
+        status["interruptions"] = list(self.before.restarts)
+        return status
 
     def events(self, cursor: int, timeout_s: float = 1.0) -> dict[str, Any]:
         assert self.results is not None
         return self.results.since(cursor, timeout_s)
 
     def stop(self) -> dict[str, Any]:
+        self._stopped.set()
         status = self.pipeline.remove_stream(self.stream_id)
         status["state"] = "stopped" if status["state"] not in ("failed", "finished") else status["state"]
         self.pipeline.close()
@@ -224,6 +300,8 @@ class StreamsIngress:
     """The stream table: id -> reader actor. One replica (the table is its state)."""
 
     def __init__(self, config: dict[str, Any] | None = None) -> None:
+        from deployments.records import GcsRecords
+
         self.config = parse_config(StreamsAppConfig, config, "edgebatch-streams args")
         self.detector_app = self.config.detector_app
         self.reader_num_cpus = self.config.reader_num_cpus
@@ -231,6 +309,79 @@ class StreamsIngress:
         self.requests: dict[str, dict[str, Any]] = {}
         self.reserved: dict[str, float] = {}  # fps of streams being started (admitted, not yet in the table)
         self._admission = asyncio.Lock()
+        self.records = GcsRecords(RECORD_PREFIX)  # the table itself lives here, not in this replica
+        self._recovered = False
+        self._recovery = asyncio.Lock()
+
+    # -- the table outlives this replica ---------------------------------------------------
+    async def _ready(self) -> None:
+        """Before the first request after a (re)start: take back the streams an earlier replica ran."""
+        if self._recovered:
+            return
+        async with self._recovery:
+            if self._recovered:
+                return
+            loop = asyncio.get_running_loop()
+            lost = await loop.run_in_executor(None, self._reattach)
+            for rec in lost:
+                await self._relaunch(rec)
+            self._recovered = True
+
+    def _reattach(self) -> list[StreamRecord]:
+        """Find each recorded stream's reader by name; the records whose reader is gone are returned."""
+        lost = []
+        for key in self.records.keys():
+            if not is_stream_key(key):
+                continue
+            data = self.records.get(key)
+            if data is None:
+                continue
+            rec = StreamRecord.from_dict(data)
+            try:
+                actor = ray.get_actor(actor_name(rec.id), namespace=ACTOR_NAMESPACE)
+            except ValueError:
+                lost.append(rec)
+                continue
+            self.streams[rec.id], self.requests[rec.id] = actor, rec.request
+            rec.note(Interruption(time.time(), "ingress_restarted",
+                                  "the streams ingress restarted and took the stream back; its reader kept running"))
+            self.records.put(rec.id, rec.to_dict())
+            log.info("stream %s: reattached to its running reader", rec.id)
+        return lost
+
+    async def _relaunch(self, rec: StreamRecord) -> None:
+        """A recorded stream whose reader is gone: start a new reader from the last position written."""
+        loop = asyncio.get_running_loop()
+        progress = ReaderProgress.from_dict(await loop.run_in_executor(None, self.records.get, progress_key(rec.id)))
+        if progress.state in TERMINAL_STATES:
+            self.requests[rec.id] = rec.request  # finished before the fault: nothing to resume, keep it listed
+            self.streams[rec.id] = None
+            return
+        live = SourceSpec.parse(rec.request["source"]).is_live
+        start = 0 if live else progress.next_frame
+        if rec.relaunches >= MAX_RELAUNCHES:
+            rec.note(Interruption(time.time(), "reader_lost", f"reader gone again after {rec.relaunches} relaunches; "
+                                  "left failed (DELETE the stream and start it again)"))
+        else:
+            try:
+                info = await self._detector_info()
+                actor = self._spawn(rec.id, StreamRequest.model_validate(rec.request), info)
+                await asyncio.wait_for(actor.start.remote(rec.request, rec.app_config, start), timeout=120)
+                self.streams[rec.id] = actor
+                rec.relaunches += 1
+                rec.note(Interruption(time.time(), "reader_relaunched", "the reader was gone when the streams ingress "
+                                      "restarted; a new one resumed the stream", resumed_from_frame=start))
+            except Exception as exc:
+                ours = as_edgebatch_error(exc)
+                rec.note(Interruption(time.time(), "reader_lost",
+                                      f"could not restart the reader: {ours.message if ours else redact(str(exc))}"))
+                self.streams[rec.id] = None
+        self.requests[rec.id] = rec.request
+        await loop.run_in_executor(None, self.records.put, rec.id, rec.to_dict())
+
+    def _record(self, sid: str) -> StreamRecord | None:
+        data = self.records.get(sid)
+        return StreamRecord.from_dict(data) if data else None
 
     def _precheck(self, req: StreamRequest) -> None:
         """The allowlist checks that need no reader node, so a bad request is a 400 before admission."""
@@ -267,6 +418,7 @@ class StreamsIngress:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise BadRequest('body must be JSON like {"source": "/path/clip.mp4", "fps": 30}') from None
         req = _parse_request(data)
+        await self._ready()
         info = await self._detector_info()
         if req.model and req.model != info.model:
             raise BadRequest(f"model {req.model!r} is not served by '{self.detector_app}'; it serves "
@@ -281,21 +433,32 @@ class StreamsIngress:
         finally:
             self.reserved.pop(sid, None)
 
-    async def _start(self, sid: str, req: StreamRequest, info: DetectorInfo) -> JSONResponse:
-        """Place the reader actor and start it; its table entry only once it runs."""
+    def _spawn(self, sid: str, req: StreamRequest, info: DetectorInfo) -> Any:
+        """The stream's reader actor: detached (it outlives this replica), named (a restarted replica
+        finds it), restarted by Ray when its process dies; on the asked node when one was named."""
         options: dict[str, Any] = {"name": actor_name(sid), "namespace": ACTOR_NAMESPACE,
-                                   "num_cpus": self.reader_num_cpus}
+                                   "num_cpus": self.reader_num_cpus, "lifetime": "detached"}
         if req.node:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
             node_id = resolve_node(req.node, ray.nodes())
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
-        actor = StreamReaderActor.options(**options).remote(sid, self.detector_app, info)
+        return StreamReaderActor.options(**options).remote(sid, self.detector_app, info)
+
+    async def _start(self, sid: str, req: StreamRequest, info: DetectorInfo) -> JSONResponse:
+        """Record the stream, place the reader actor and start it; its table entry only once it runs."""
+        loop = asyncio.get_running_loop()
+        rec = StreamRecord(sid, req.model_dump(), self.config.model_dump())
+        await loop.run_in_executor(None, self.records.put, sid, rec.to_dict())  # first: a reader restarted at once resumes
+        actor = None
         try:
+            actor = self._spawn(sid, req, info)
             started = await asyncio.wait_for(actor.start.remote(req.model_dump(), self.config.model_dump()),
                                              timeout=120)
         except Exception as exc:
-            ray.kill(actor)
+            if actor is not None:
+                ray.kill(actor)
+            await loop.run_in_executor(None, self._forget, sid)
             ours = as_edgebatch_error(exc)  # the source is unreadable, a sink name is bad: the client's to fix
             if ours is not None:
                 raise ours from None
@@ -304,37 +467,57 @@ class StreamsIngress:
         self.requests[sid] = req.model_dump()
         return JSONResponse(started, status_code=201)
 
+    def _forget(self, sid: str) -> None:
+        self.records.delete(sid)
+        self.records.delete(progress_key(sid))
+
     async def _status(self, sid: str, actor: Any) -> dict[str, Any]:
-        try:
-            return await asyncio.wait_for(actor.status.remote(), timeout=15)
-        except Exception as exc:  # the actor (or its node) died: report it, keep the table
-            req = self.requests.get(sid, {})
-            return {"id": sid, "source": redact(str(req.get("source"))), "state": "failed",
-                    "reason": f"reader actor is gone: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        loop = asyncio.get_running_loop()
+        rec = await loop.run_in_executor(None, self._record, sid)
+        noted = rec.interruptions if rec else []
+        if actor is None:
+            status = {"id": sid, "source": redact(str(self.requests.get(sid, {}).get("source"))), "state": "failed",
+                      "reason": (noted[-1]["detail"] if noted else "reader is gone")}
+        else:
+            try:
+                status = await asyncio.wait_for(actor.status.remote(), timeout=15)
+            except Exception as exc:  # the actor (or its node) died for good: report it, keep the table
+                req = self.requests.get(sid, {})
+                status = {"id": sid, "source": redact(str(req.get("source"))), "state": "failed",
+                          "reason": f"reader actor is gone: {type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0] if str(exc) else ''}"}
+        status["interruptions"] = sorted([*noted, *status.get("interruptions", [])], key=lambda i: i["at"])
+        return status
 
     def _actor(self, sid: str) -> Any:
-        actor = self.streams.get(sid)
-        if actor is None:
+        """The stream's reader (None when it is recorded but its reader is lost); 404 for no such stream."""
+        if sid not in self.streams:
             raise NotFound(f"no stream {sid!r}; list them with GET /v1/streams")
-        return actor
+        return self.streams[sid]
 
     @api.get("/")
     async def list_streams(self) -> dict:
+        await self._ready()
         items = await asyncio.gather(*(self._status(sid, a) for sid, a in self.streams.items()))
         return {"streams": list(items)}
 
     @api.get("/{stream_id}")
     async def show(self, stream_id: str) -> JSONResponse:
+        await self._ready()
         return JSONResponse(await self._status(stream_id, self._actor(stream_id)))
 
     @api.delete("/{stream_id}")
     async def remove(self, stream_id: str) -> JSONResponse:
+        await self._ready()
         actor = self._actor(stream_id)
-        try:
-            final = await asyncio.wait_for(actor.stop.remote(), timeout=30)
-        except Exception as exc:
-            final = {"id": stream_id, "state": "stopped", "reason": f"reader was already gone: {type(exc).__name__}"}
-        ray.kill(actor)  # frees the actor's CPU share and process
+        final: dict[str, Any] = {"id": stream_id, "state": "stopped", "reason": "reader was already gone"}
+        if actor is not None:
+            try:
+                final = await asyncio.wait_for(actor.stop.remote(), timeout=30)
+            except Exception as exc:
+                final["reason"] = f"reader was already gone: {type(exc).__name__}"
+            ray.kill(actor)  # frees the actor's CPU share and process; no restart
+        await asyncio.get_running_loop().run_in_executor(None, self._forget, stream_id)
         self.streams.pop(stream_id, None)
         self.requests.pop(stream_id, None)
         return JSONResponse({"deleted": stream_id, "final": final})
@@ -342,10 +525,14 @@ class StreamsIngress:
     @api.get("/{stream_id}/events")
     async def events(self, stream_id: str, cursor: int = 0) -> Any:
         """Server-sent events: one `frame` event per frame in order, then `end` with the reason."""
+        await self._ready()
         actor = self._actor(stream_id)
 
         async def feed():
             pos = max(0, cursor)
+            if actor is None:
+                yield f"event: end\ndata: {json.dumps({'reason': 'reader is gone (see GET for its interruptions)'})}\n\n"
+                return
             while True:
                 try:
                     got = await asyncio.wait_for(actor.events.remote(pos, 1.0), timeout=30)

@@ -674,3 +674,54 @@ def test_plan_cuts_a_small_batch_into_smaller_runs_only_when_padding_costs_more(
     assert out.shape == (3, 2) and list(out[:, 0]) == [1.0, 1.0, 1.0] and lv.batch_size == 1
     out, lv = det.predict(np.zeros((10, 3, 8, 8), np.float32))
     assert out.shape == (10, 2) and list(out[:, 0]) == [8.0] * 8 + [1.0] * 2 and lv.batch_size == 8
+
+
+# ----------------------------------------------------------------------------- state that outlives the controller
+
+
+def test_a_restarted_controller_keeps_the_operators_policy_and_pin():
+    """Issue 15: after a kill of the controller replica the operator's throughput_aware policy came back as
+    `manual`. With a record store (the GCS KV store in a cluster) the new loop reads it back."""
+    from tests.fakes.records import DictRecords
+
+    records = DictRecords()
+    first = ControlLoop(ControllerConfig(policy="manual"), records=records)
+    det, other = SwitchableDetector(size=2, model="m"), SwitchableDetector(size=4, model="pinned")
+    asyncio.run(first.tick({"app": det, "app-2": other}))
+    first.set_policy("m", "throughput_aware", {"min_gain": 0.1})
+    _call(first.pin("pinned", 8, {"app-2": other}))
+
+    again = ControlLoop(ControllerConfig(policy="manual"), records=records)  # the restarted replica
+    asyncio.run(again.tick({"app": det, "app-2": other}))
+    st = again.status()["detectors"]
+    assert st["m"]["policy"] == "throughput_aware" and st["m"]["params"] == {"min_gain": 0.1}
+    assert st["pinned"]["policy"] == "fixed" and st["pinned"]["pin"]["batch_size"] == 8
+    assert other.size == 8
+    assert [h["reason_code"] for h in st["pinned"]["history"]][-1] in ("pinned", "fixed")  # history came back too
+
+
+def test_a_detector_that_was_away_comes_back_with_its_policy():
+    """A detector app missing from one reading (its replica restarting) must not cost the operator's policy."""
+    from tests.fakes.records import DictRecords
+
+    loop = ControlLoop(ControllerConfig(policy="manual"), records=DictRecords())
+    det = SwitchableDetector(size=2)
+    _run(loop, det, 1)
+    loop.set_policy("m", "aimd", {})
+    asyncio.run(loop.tick({}))  # the app is away for a moment
+    assert loop.status()["detectors"] == {}
+    _run(loop, det, 1)
+    assert loop.status()["detectors"]["m"]["policy"] == "aimd"
+
+
+def test_a_model_no_detector_serves_any_more_leaves_no_record():
+    from tests.fakes.records import DictRecords
+
+    records = DictRecords()
+    loop = ControlLoop(ControllerConfig(policy="manual"), records=records)
+    det = SwitchableDetector(size=2, model="old")
+    _run(loop, det, 1)
+    loop.set_policy("old", "aimd", {})
+    det.model = "new"
+    _run(loop, det, 1)
+    assert "old" not in records.keys() and loop.status()["detectors"]["new"]["policy"] == "manual"

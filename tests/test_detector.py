@@ -181,3 +181,25 @@ def test_the_multimodel_signature_refuses_an_unknown_type(tmp_path):
     onnx.save(helper.make_model(graph), str(path))
     with pytest.raises(UnsupportedTensorType):
         graph_io(path)
+
+
+def test_an_item_whose_deadline_passed_in_the_queue_is_refused_unrun(scenes):
+    """Issue 15: an item that waited past its budget is answered at once (503 + Retry-After), not run
+    late; the rest of its batch runs."""
+    import dataclasses
+    import time
+
+    from app.detector import DetectRequest
+    from app.errors import Overloaded
+
+    det = _demo_detector()
+    now = time.perf_counter()
+    late = dataclasses.replace(DetectRequest.encoded(scenes[0][1]), enqueued_at=now - 4, deadline_s=3.0,
+                               expires_at=now - 1)
+    fresh = dataclasses.replace(DetectRequest.encoded(scenes[1][1]), enqueued_at=now, deadline_s=3.0,
+                                expires_at=now + 60)
+    refused, served = det.handle_batch([late, fresh])
+    assert isinstance(refused.error, Overloaded) and refused.error.headers["Retry-After"] == "1"
+    assert "past its 3.00 s deadline" in refused.error.message and refused.detections is None
+    assert served.error is None and served.detections
+    assert served.batch.variant is not None and served.batch.items == 2

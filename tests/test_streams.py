@@ -415,3 +415,21 @@ def test_ten_cameras_at_3_fps_share_serve_batches_like_one_at_30(streams_url, se
     # one 3 fps camera alone could never put 2 frames in a 250 ms batch: batches > 1 are cross-stream
     assert means[10] >= 2.5 and means[1] >= 2.5, means
     assert means[10] >= 0.6 * means[1], means
+
+
+def test_a_resumed_stream_starts_at_its_frame_and_appends_to_its_output(clip, demo_stage, tmp_path):
+    """What a restarted reader does (issue 15): the file from the frame after the last one delivered,
+    and the JSON Lines file continued, not truncated."""
+    stage, post, size = demo_stage
+    out = tmp_path / "resumed.jsonl"
+    out.write_text('{"frame": 0}\n')  # what the earlier reader wrote
+    pipe = make_pipeline(stage, post, size)
+    try:
+        sid = pipe.add_stream(str(clip), StreamOptions(fps=30, behind="queue", queue_bound=8, realtime=False,
+                                                       start_frame=20), sinks=[JsonlSink(out, append=True)])
+        assert pipe.wait_finished(sid, 120), pipe.status(sid)
+        assert pipe.status(sid)["frames_out"] == FRAMES - 20
+    finally:
+        pipe.close()
+    frames = [json.loads(line)["frame"] for line in out.read_text().splitlines()]
+    assert frames == [0, *range(20, FRAMES)]

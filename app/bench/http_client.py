@@ -25,6 +25,8 @@ class LoadResult:
     seconds: float = 0.0
     latencies_s: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
+    refused: int = 0  # 503s: shed by the server's deadline admission (also counted in failed)
+    refused_latencies_s: list[float] = field(default_factory=list)
     timeline: list[tuple[float, float, int]] = field(default_factory=list)  # (t_done, latency, status)
 
     @property
@@ -92,6 +94,9 @@ async def _run(url: str, bodies: Sequence[tuple[bytes, dict[str, str]]], clients
                     else:
                         result.failed += 1
                         result.errors[f"HTTP {status}"] = result.errors.get(f"HTTP {status}", 0) + 1
+                        if status == 503:
+                            result.refused += 1
+                            result.refused_latencies_s.append(done - start)
 
         await asyncio.gather(*(worker(w) for w in range(clients)))
     result.seconds = min(time.perf_counter(), t_end) - t_measure if max_requests is None else time.perf_counter() - t_measure

@@ -30,11 +30,12 @@ EXTENSIONS = (
     ("app.commands.bench_pipeline", "add_bench_pipeline"),
     ("app.commands.bench_sweep", "add_bench_sweep"),
     ("app.commands.bench_loading", "add_bench_loading"),
+    ("app.commands.bench_overload", "add_bench_overload"),
 )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="benchmarks: engine, http, registry, adapt, pipeline, sweep, loading")
+    bench = sub.add_parser("bench", help="benchmarks: engine, http, registry, adapt, pipeline, sweep, loading, overload")
     bsub = bench.add_subparsers(dest="bench", metavar="BENCH")
     bsub.required = True
     for module_name, fn in EXTENSIONS:

@@ -93,6 +93,7 @@ class StreamOptions:
     realtime: bool = True  # pace files at fps; False reads as fast as the pipeline takes (bench)
     loop: bool = False
     backoff: Backoff = field(default_factory=Backoff)
+    start_frame: int = 0  # files: resume at this source frame (a reader restarted after a fault)
 
     def __post_init__(self) -> None:
         if not (0 < self.fps <= 240):
@@ -212,7 +213,8 @@ class StreamPipeline:
             self._streams[sid] = stream
         reader = FrameReader(
             sid, spec, q,
-            ReaderOptions(target_fps=options.fps, realtime=options.realtime, loop=options.loop, backoff=options.backoff),
+            ReaderOptions(target_fps=options.fps, realtime=options.realtime, loop=options.loop, backoff=options.backoff,
+                          start_frame=options.start_frame),
             opener=opener, on_exit=lambda r: self._reader_exited(stream), node=node,
         )
         stream.reader = reader

@@ -185,6 +185,7 @@ class ReaderOptions:
     realtime: bool = True
     loop: bool = False  # a file starts again at its end: emulates a camera from a short clip
     backoff: Backoff = field(default_factory=Backoff)
+    start_frame: int = 0  # files: the first source frame to read (a restarted reader resumes here)
 
 
 class FrameReader:
@@ -275,6 +276,18 @@ class FrameReader:
         self._set(effective_fps=effective)
         return native, effective
 
+    def _seek(self, frame: int) -> int:
+        """Position a file at source frame ``frame`` (a resumed stream); the index reached."""
+        import cv2
+
+        seek = getattr(self._cap, "set", None)
+        if seek is not None and seek(cv2.CAP_PROP_POS_FRAMES, float(frame)):
+            return frame
+        reached = 0
+        while reached < frame and self._cap.grab():  # captures that cannot seek: skip without decoding
+            reached += 1
+        return reached
+
     def _read_loop(self) -> None:
         native, effective = self._open()
         self._set(state=StreamState.RUNNING, reason="")
@@ -282,8 +295,10 @@ class FrameReader:
         realtime = self.options.realtime
         step = (native / effective) if (is_file and native and effective) else 1.0  # source frames per output frame
         src_index = 0  # index of the next frame the capture will return
+        if is_file and self.options.start_frame > 0:
+            src_index = self._seek(self.options.start_frame)
         out = 0  # frames emitted since the (re)start of pacing
-        base_index = 0
+        base_index = src_index
         t0 = self._clock()
         min_gap = 1.0 / effective if effective > 0 else 0.0
         last_emit = -1e18

@@ -149,10 +149,11 @@ class JsonlSink:
 
     needs_image = False
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, append: bool = False) -> None:
+        """``append``: a resumed stream goes on writing where its earlier reader stopped."""
         self.path = _writable(Path(path), "jsonl")
         try:
-            self._f = self.path.open("w", encoding="utf-8")
+            self._f = self.path.open("a" if append else "w", encoding="utf-8")
         except OSError as exc:
             raise BadRequest(f"cannot write jsonl file {self.path}: {exc.strerror}") from None
         self.lines = 0

@@ -1,0 +1,115 @@
+"""Deadlines and load shedding: overload is answered, not queued (issue 15).
+
+Every request carries a time budget: the client's (``X-Request-Timeout`` in seconds, or the Open
+Inference Protocol's ``timeout`` parameter in microseconds, as ``tritonclient`` sends it), capped
+by ``max_deadline_s``, else the detector's ``deadline_s``. The replica admits an item only if the
+items queued ahead of it, drained at the rate the replica has measured, leave time for its own
+batch before the budget runs out; otherwise ``Overloaded`` (503 + ``Retry-After``) at once. So the
+queue is bounded by what the measured throughput serves within the deadline, never by a fixed
+count, and an item whose budget still runs out in the queue is refused before it is decoded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from app.errors import BadRequest, Overloaded
+
+#: headers a client may give its time budget in, in seconds (first found wins)
+DEADLINE_HEADERS = ("x-request-timeout", "request-timeout")
+#: before any batch was measured, this many items may wait per batch the replica runs at once
+COLD_ITEMS_PER_BATCH = 4
+
+
+def request_budget_s(headers: Mapping[str, str], parameters: Mapping[str, Any] | None, *, default_s: float,
+                     max_s: float) -> float:
+    """The request's time budget in seconds; a malformed value is a 400 naming where it came from."""
+    for name in DEADLINE_HEADERS:
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            raise BadRequest(f"header {name} must be a number of seconds, got {raw!r}") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise BadRequest(f"header {name} must be > 0 seconds, got {raw!r}")
+        return min(value, max_s)
+    timeout = (parameters or {}).get("timeout")
+    if timeout is not None:  # OIP v2 / Triton: microseconds
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise BadRequest(f"parameters.timeout must be a positive number of microseconds, got {timeout!r}")
+        return min(float(timeout) / 1e6, max_s)
+    return default_s
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """What the replica knows when an item arrives; named in every refusal."""
+
+    waiting: int  # items in this replica that are not in a running batch yet
+    capacity_items_s: float | None  # items/s this replica drains (None: nothing measured yet)
+    d_batch_s: float | None  # how long one of its batches takes
+    max_batch_size: int
+    concurrent_batches: int
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("capacity_items_s", "d_batch_s"):
+            d[k] = None if d[k] is None else round(d[k], 4)
+        return d
+
+    def expected_wait_s(self) -> float | None:
+        """Until an item that arrives now is done: the queue ahead drained at capacity, then its batch."""
+        if not self.capacity_items_s or self.d_batch_s is None:
+            return None
+        return self.waiting / self.capacity_items_s + self.d_batch_s
+
+
+def admit(state: QueueState, budget_s: float) -> None:
+    """Raise ``Overloaded`` when an item with ``budget_s`` cannot be done in time."""
+    wait = state.expected_wait_s()
+    if wait is None:  # cold: a bounded queue until the first batches say how fast this replica is
+        bound = COLD_ITEMS_PER_BATCH * state.max_batch_size * state.concurrent_batches
+        if state.waiting >= bound:
+            raise Overloaded(f"overloaded: {state.waiting} items already wait and this replica has not measured its "
+                             f"throughput yet (at most {bound} may wait until it has); retry shortly",
+                             retry_after_s=1.0, queue=state.to_dict())
+        return
+    if wait <= budget_s:
+        return
+    assert state.capacity_items_s  # expected_wait_s is None otherwise
+    fits = max(0, int((budget_s - (state.d_batch_s or 0.0)) * state.capacity_items_s))
+    drain_s = (state.waiting - fits) / state.capacity_items_s
+    raise Overloaded(f"overloaded: {state.waiting} items wait ahead, served at {state.capacity_items_s:.1f} items/s "
+                     f"this would take {wait:.2f} s, over the request's {budget_s:.2f} s deadline; retry after "
+                     f"{math.ceil(drain_s)} s or give a longer X-Request-Timeout", retry_after_s=drain_s,
+                     queue=state.to_dict())
+
+
+class ServiceRate:
+    """Items/s the replica drains, smoothed (EWMA). While items wait behind a batch, the gap between
+    batch completions is the true drain rate (every stage overlapped as it really runs); when
+    nothing waits, items / d_batch times the batches run at once stands in for it."""
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        self.alpha = alpha
+        self.capacity_items_s: float | None = None
+        self.d_batch_s: float | None = None
+        self._last_done: float | None = None
+
+    def observe(self, items: int, d_batch_s: float, *, concurrent: int, now: float, backlog: int) -> None:
+        """One batch of ``items`` finished at ``now`` (monotonic seconds) with ``backlog`` items still waiting."""
+        if items <= 0 or d_batch_s <= 0:
+            return
+        last, self._last_done = self._last_done, now
+        if backlog > 0 and last is not None and now > last:
+            rate = items / (now - last)
+        else:
+            rate = items / d_batch_s * max(1, concurrent)
+        a = self.alpha
+        self.capacity_items_s = rate if self.capacity_items_s is None else (1 - a) * self.capacity_items_s + a * rate
+        self.d_batch_s = d_batch_s if self.d_batch_s is None else (1 - a) * self.d_batch_s + a * d_batch_s

@@ -1,0 +1,222 @@
+"""The ``edgebatch`` app's HTTP ingress: a thin gateway in front of the ``Detector`` replicas.
+
+The routes translate HTTP into ``DetectRequest`` items for the detector's ``detect`` (through a
+DeploymentHandle) and results back into JSON; errors are raised, never caught here:
+``install_error_handlers`` is the one place they become replies. The gateway is its own
+deployment, not a route inside the detector's process, so that a detector replica dying under a
+request is answered (issue 15): Serve's proxy can only answer a plain-text 500 for a replica that
+died, while the gateway retries the item once on another replica when time is left, else answers a
+JSON 503 that says to retry. It also gives every request its deadline (``app.overload``).
+"""
+
+# no `from __future__ import annotations`: FastAPI must see real types (Request) on the routes
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from app.constants import GATEWAY_DEPLOYMENT
+from app.detector import DetectRequest, ItemResult
+from app.errors import NotFound, Overloaded, ReplicaLost, Unavailable
+from app.oip import ModelSignature, encode_infer_response, model_metadata, server_metadata
+from app.overload import request_budget_s
+from app.security.auth import TokenCheck
+from app.state import StateDir
+from deployments.decoding import V2BodyDecoder
+from deployments.detector import IngressSettings
+from deployments.http import as_edgebatch_error, error_responses, install_error_handlers, read_inference_body
+
+api = FastAPI(title="edgebatch", description="Batched object detection on Ray Serve")
+install_error_handlers(api)
+
+#: how long what the gateway reads from the detector (settings, v2 signature) is reused
+SETTINGS_TTL_S = 1.0
+#: a replica lost under an item: the item is tried once more when this much of its budget is left
+RETRY_MIN_BUDGET_S = 0.2
+
+#: The OpenAPI descriptions of what the routes really take and answer (for clients and fuzzers).
+DETECT_BODY = {"requestBody": {"required": True, "content": {
+    t: {"schema": {"type": "string", "format": "binary"}} for t in ("image/jpeg", "image/png", "application/octet-stream")}},
+    "parameters": [{"name": "X-Request-Timeout", "in": "header", "required": False,
+                    "schema": {"type": "number", "exclusiveMinimum": 0},
+                    "description": "seconds this request may take; refused at once (503) when it cannot"}]}
+V2_INFER_BODY = {
+    "requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
+            "id": {"type": "string"}, "parameters": {"type": "object"},
+            "inputs": {"type": "array", "items": {"type": "object", "required": ["name", "datatype", "shape"],
+                       "properties": {"name": {"type": "string"}, "datatype": {"type": "string"},
+                                      "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                                      "data": {"type": "array"}, "parameters": {"type": "object"}}}},
+            "outputs": {"type": "array", "items": {"type": "object"}}}}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                     "description": "binary tensor data extension: the first "
+                                                    "Inference-Header-Content-Length bytes are the JSON header"}}},
+    "parameters": [{"name": "Inference-Header-Content-Length", "in": "header", "required": False,
+                    "schema": {"type": "integer", "minimum": 0}}],
+}
+V2_INFER_RESPONSES = {
+    200: {"description": "the outputs: JSON, or JSON header plus raw tensors (binary extension)",
+          "content": {"application/json": {"schema": {"type": "object"}},
+                      "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+    **error_responses(400, 401, 404, 413, 503),
+}
+
+REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
+
+
+class _Cached:
+    """One value read from the detector, reused for ``SETTINGS_TTL_S`` (a swap shows within that)."""
+
+    def __init__(self) -> None:
+        self.value: Any = None
+        self.at = -1e9
+
+    async def get(self, read) -> Any:
+        if time.monotonic() - self.at > SETTINGS_TTL_S:
+            self.value, self.at = await read(), time.monotonic()
+        return self.value
+
+
+@serve.deployment(name=GATEWAY_DEPLOYMENT, max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class DetectorGateway:
+    """HTTP in, ``detect`` items out to the ``Detector`` deployment; replies and refusals in JSON."""
+
+    def __init__(self, detector: Any) -> None:
+        self._detector = detector
+        self._token = TokenCheck(StateDir.default())
+        self._v2_decoder = V2BodyDecoder(ThreadPoolExecutor(max_workers=2, thread_name_prefix="edgebatch-decode"))
+        self._settings, self._signature_cache = _Cached(), _Cached()
+        self.counters = {"replica_lost": 0, "retried": 0, "overloaded": 0}
+
+    # -- what the detector says ---------------------------------------------------------
+    async def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return await getattr(self._detector, method).remote(*args)
+        except REPLICA_GONE:
+            raise ReplicaLost("the detector replica was lost; Serve is starting it again, retry") from None
+        except DeploymentUnavailableError:
+            raise Unavailable("the detector deployment has no running replica; see `edgebatch status`") from None
+        except Exception as exc:
+            ours = as_edgebatch_error(exc)
+            if ours is not None:
+                raise ours from None
+            raise
+
+    async def settings(self) -> IngressSettings:
+        return await self._settings.get(lambda: self._call("ingress_settings"))
+
+    async def _body(self, request: Request) -> tuple[bytes, IngressSettings]:
+        s = await self.settings()
+        return await read_inference_body(request, s.max_body_bytes, self._token, s.auth_inference), s
+
+    # -- one item, with its deadline ----------------------------------------------------------
+    async def detect(self, item: DetectRequest, budget_s: float) -> ItemResult:
+        """``item`` to a detector replica within ``budget_s``; a replica lost under it costs one retry
+        (Serve routes it to another replica, or waits for the restarted one) while time is left."""
+        deadline = time.monotonic() + budget_s
+        for attempt in (1, 2):
+            left = deadline - time.monotonic()
+            try:
+                return await asyncio.wait_for(
+                    self._detector.detect.remote(DetectRequest(item.kind, item.data, deadline_s=left)), timeout=left)
+            except REPLICA_GONE:
+                self.counters["replica_lost"] += 1
+                if attempt == 1 and deadline - time.monotonic() > RETRY_MIN_BUDGET_S:
+                    self.counters["retried"] += 1
+                    continue
+                raise ReplicaLost("the detector replica serving this request was lost; Serve is starting it "
+                                  "again: retry") from None
+            except TimeoutError:
+                self.counters["overloaded"] += 1
+                raise Overloaded(f"no detector replica answered within the request's {budget_s:.2f} s deadline "
+                                 "(none running, or all busy); retry", retry_after_s=1.0) from None
+            except BackPressureError:
+                self.counters["overloaded"] += 1
+                raise Overloaded("overloaded: every detector replica's queue is full; retry", retry_after_s=1.0) from None
+            except DeploymentUnavailableError:
+                raise Unavailable("the detector deployment has no running replica; see `edgebatch status`") from None
+            except Exception as exc:
+                ours = as_edgebatch_error(exc)
+                if isinstance(ours, Overloaded):
+                    self.counters["overloaded"] += 1
+                if ours is not None:
+                    raise ours from None
+                raise
+        raise AssertionError("unreachable")
+
+    # -- /v1 ---------------------------------------------------------------------------------
+    @api.post("/v1/detect", responses=error_responses(400, 401, 413, 503), openapi_extra=DETECT_BODY)
+    async def v1_detect(self, request: Request) -> JSONResponse:
+        body, s = await self._body(request)
+        budget = request_budget_s(request.headers, None, default_s=s.deadline_s, max_s=s.max_deadline_s)
+        result = await self.detect(DetectRequest.encoded(body), budget)
+        return JSONResponse(result.to_json())
+
+    @api.get("/v1/models")
+    async def v1_models(self) -> dict:
+        return {"models": [(await self._call("info")).to_dict()]}
+
+    @api.get("/v1/info")
+    async def v1_info(self) -> dict:
+        info = (await self._call("info")).to_dict()
+        info["gateway"] = dict(self.counters)
+        return info
+
+    # -- /v2: Open Inference Protocol (KServe / Triton HTTP) -------------------------------------
+    async def _signature(self, name: str, version: str | None) -> ModelSignature:
+        sig: ModelSignature = await self._signature_cache.get(lambda: self._call("signature"))
+        if name != sig.name:
+            raise NotFound(f"unknown model '{name}'; this server serves '{sig.name}' (GET /v2/models/{sig.name})")
+        if version not in (None, "", *sig.versions):
+            raise NotFound(f"model '{name}' has no loaded version '{version}'; loaded version is '{sig.versions[0]}'")
+        return sig
+
+    @api.get("/v2")
+    async def v2_server(self) -> dict:
+        return server_metadata("edgebatch", "0.1.0", ["binary_tensor_data"])
+
+    @api.get("/v2/health/live")
+    async def v2_live(self) -> Response:
+        return Response(status_code=200)
+
+    @api.get("/v2/health/ready")
+    async def v2_ready(self) -> Response:
+        try:
+            ready = (await self.settings()).loaded
+        except Exception:
+            ready = False
+        return Response(status_code=200 if ready else 503)
+
+    @api.get("/v2/models/{name}", responses=error_responses(404, 503))
+    @api.get("/v2/models/{name}/versions/{version}", responses=error_responses(404, 503))
+    async def v2_model(self, name: str, version: str | None = None) -> JSONResponse:
+        return JSONResponse(model_metadata(await self._signature(name, version)))
+
+    @api.get("/v2/models/{name}/ready", responses=error_responses(404, 503))
+    @api.get("/v2/models/{name}/versions/{version}/ready", responses=error_responses(404, 503))
+    async def v2_model_ready(self, name: str, version: str | None = None) -> Response:
+        await self._signature(name, version)
+        return Response(status_code=200)
+
+    @api.post("/v2/models/{name}/infer", responses=V2_INFER_RESPONSES, openapi_extra=V2_INFER_BODY)
+    @api.post("/v2/models/{name}/versions/{version}/infer", responses=V2_INFER_RESPONSES, openapi_extra=V2_INFER_BODY)
+    async def v2_infer(self, name: str, request: Request, version: str | None = None) -> Response:
+        body, s = await self._body(request)  # the token before anything about the model is told
+        sig = await self._signature(name, version)
+        req = await self._v2_decoder.decode(body, request.headers, sig, s.max_body_bytes)  # client mistakes: 400
+        budget = request_budget_s(request.headers, req.parameters, default_s=s.deadline_s, max_s=s.max_deadline_s)
+        images = req.inputs["images"]
+        results = await asyncio.gather(*(self.detect(DetectRequest.tensor(row), budget) for row in images))
+        output = np.stack([r.output for r in results])
+        payload, headers = encode_infer_response(sig.name, sig.versions[0], {"output0": output}, req)
+        return Response(content=payload, headers=headers, media_type=headers.get("Content-Type", "application/json"))
