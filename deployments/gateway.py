@@ -41,6 +41,9 @@ install_error_handlers(api)
 SETTINGS_TTL_S = 1.0
 #: a replica lost under an item: the item is tried once more when this much of its budget is left
 RETRY_MIN_BUDGET_S = 0.2
+#: the detector refuses an item whose budget ran out itself (with its queue named); the gateway only
+#: gives up this much later, when no replica answered at all (none running)
+NO_REPLICA_GRACE_S = 2.0
 
 #: The OpenAPI descriptions of what the routes really take and answer (for clients and fuzzers).
 DETECT_BODY = {"requestBody": {"required": True, "content": {
@@ -128,7 +131,8 @@ class DetectorGateway:
             left = deadline - time.monotonic()
             try:
                 return await asyncio.wait_for(
-                    self._detector.detect.remote(DetectRequest(item.kind, item.data, deadline_s=left)), timeout=left)
+                    self._detector.detect.remote(DetectRequest(item.kind, item.data, deadline_s=max(left, 0.001))),
+                    timeout=max(left, 0.0) + NO_REPLICA_GRACE_S)
             except REPLICA_GONE:
                 self.counters["replica_lost"] += 1
                 if attempt == 1 and deadline - time.monotonic() > RETRY_MIN_BUDGET_S:
@@ -138,8 +142,8 @@ class DetectorGateway:
                                   "again: retry") from None
             except TimeoutError:
                 self.counters["overloaded"] += 1
-                raise Overloaded(f"no detector replica answered within the request's {budget_s:.2f} s deadline "
-                                 "(none running, or all busy); retry", retry_after_s=1.0) from None
+                raise Overloaded(f"no detector replica took the request within its {budget_s:.2f} s deadline "
+                                 "(none running: see `edgebatch status`); retry", retry_after_s=1.0) from None
             except BackPressureError:
                 self.counters["overloaded"] += 1
                 raise Overloaded("overloaded: every detector replica's queue is full; retry", retry_after_s=1.0) from None
