@@ -113,3 +113,4 @@ class ServiceRate:
         a = self.alpha
         self.capacity_items_s = rate if self.capacity_items_s is None else (1 - a) * self.capacity_items_s + a * rate
         self.d_batch_s = d_batch_s if self.d_batch_s is None else (1 - a) * self.d_batch_s + a * d_batch_s
+

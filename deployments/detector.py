@@ -108,6 +108,16 @@ class Batcher:
             self._batched = self._make()
 
 
+def _running_replicas() -> int:
+    """RUNNING replicas of this replica's deployment (Serve's own count); 1 when it cannot be read."""
+    try:
+        ctx = serve.get_replica_context()
+        dep = serve.status().applications[ctx.app_name].deployments[ctx.deployment]
+        return max(1, sum(n for state, n in dep.replica_states.items() if str(getattr(state, "value", state)) == "RUNNING"))
+    except Exception:
+        return 1
+
+
 @dataclass(frozen=True)
 class IngressSettings:
     """The part of a detector's config its HTTP gateway applies (body limit, token, deadlines)."""
@@ -117,7 +127,8 @@ class IngressSettings:
     deadline_s: float
     max_deadline_s: float
     loaded: bool
-
+    queue: QueueState  # the replica's own, for the gateway's first admission check
+    running_replicas: int  # of this deployment: the gateway drains its outstanding items at queue rate x this
 
 @dataclass(frozen=True)
 class ReplicaLocation:
@@ -159,6 +170,7 @@ class DetectorReplica:
         self._exported_at = 0.0
         self._batch_size_changed_at = self._metrics.now()
         self._rate = ServiceRate()  # what the admission check drains the queue at
+        self._replicas_seen = (-1e9, 1)  # (when, how many): for the gateway's admission
 
     # -- configuration ------------------------------------------------------
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -443,12 +455,21 @@ class DetectorReplica:
             max_batch_size=max(self._config.batch_sizes) if self._config else 16,
         )
 
+    def _running_replicas(self) -> int:
+        """Serve's count of this deployment's RUNNING replicas, read at most every 5 s (a controller call)."""
+        at, n = self._replicas_seen
+        if time.monotonic() - at > 5.0:
+            n = _running_replicas()
+            self._replicas_seen = (time.monotonic(), n)
+        return n
+
     def ingress_settings(self) -> IngressSettings:
         """What the HTTP gateway enforces before a body reaches this replica (from the live user_config)."""
         c = self._config or DetectorConfig()
         return IngressSettings(max_body_bytes=c.max_body_bytes, auth_inference=c.auth_inference,
                                deadline_s=c.deadline_s, max_deadline_s=c.max_deadline_s,
-                               loaded=self._detector is not None)
+                               loaded=self._detector is not None, queue=self.queue_state(),
+                               running_replicas=self._running_replicas())
 
     def stats(self, stream_fps: float | None = None, since: float | None = None) -> DetectorStats:
         """The controller's reading: the window snapshot (cut at the last batch-size change), the size

@@ -27,7 +27,7 @@ from app.constants import GATEWAY_DEPLOYMENT
 from app.detector import DetectRequest, ItemResult
 from app.errors import NotFound, Overloaded, ReplicaLost, Unavailable
 from app.oip import ModelSignature, encode_infer_response, model_metadata, server_metadata
-from app.overload import request_budget_s
+from app.overload import QueueState, admit, request_budget_s
 from app.security.auth import TokenCheck
 from app.state import StateDir
 from deployments.decoding import V2BodyDecoder
@@ -99,7 +99,8 @@ class DetectorGateway:
         self._token = TokenCheck(StateDir.default())
         self._v2_decoder = V2BodyDecoder(ThreadPoolExecutor(max_workers=2, thread_name_prefix="edgebatch-decode"))
         self._settings, self._signature_cache = _Cached(), _Cached()
-        self.counters = {"replica_lost": 0, "retried": 0, "overloaded": 0}
+        self.counters = {"replica_lost": 0, "retried": 0, "overloaded": 0, "refused_here": 0}
+        self.outstanding = 0  # items sent to detectors and not answered yet
 
     # -- what the detector says ---------------------------------------------------------
     async def _call(self, method: str, *args: Any) -> Any:
@@ -127,6 +128,29 @@ class DetectorGateway:
         """``item`` to a detector replica within ``budget_s``; a replica lost under it costs one retry
         (Serve routes it to another replica, or waits for the restarted one) while time is left."""
         deadline = time.monotonic() + budget_s
+        self._admit(budget_s)
+        self.outstanding += 1
+        try:
+            return await self._detect(item, deadline, budget_s)
+        finally:
+            self.outstanding -= 1
+
+    def _admit(self, budget_s: float) -> None:
+        """Refuse here, without a hop, what the detectors cannot serve in time: this gateway's outstanding
+        items drained at the rate the detector measured (the detector checks again with its own queue)."""
+        s: IngressSettings | None = self._settings.value
+        if s is None or s.queue.capacity_items_s is None:
+            return  # nothing measured yet: the detector's cold bound decides
+        ours = QueueState(waiting=self.outstanding, capacity_items_s=s.queue.capacity_items_s * s.running_replicas,
+                          d_batch_s=s.queue.d_batch_s, max_batch_size=s.queue.max_batch_size,
+                          concurrent_batches=s.queue.concurrent_batches)
+        try:
+            admit(ours, budget_s)
+        except Overloaded:
+            self.counters["refused_here"] += 1
+            raise
+
+    async def _detect(self, item: DetectRequest, deadline: float, budget_s: float) -> ItemResult:
         for attempt in (1, 2):
             left = deadline - time.monotonic()
             try:

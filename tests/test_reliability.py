@@ -232,6 +232,8 @@ class Clients:
                              "latency_s": time.monotonic() - t0}
                 with self.lock:
                     self.replies.append(entry)
+                if entry["status"] == 503 and entry["retry_after"]:  # a well-behaved client backs off as told
+                    self.stop.wait(min(float(entry["retry_after"]), 2.0))
 
     def __enter__(self) -> Clients:
         for t in self.threads:

@@ -52,7 +52,7 @@ def v2_body(tensor: np.ndarray, input_name: str = "images", output_name: str = "
 
 
 async def _run(url: str, bodies: Sequence[tuple[bytes, dict[str, str]]], clients: int, duration_s: float,
-               warmup_s: float, max_requests: int | None, timeout_s: float) -> LoadResult:
+               warmup_s: float, max_requests: int | None, timeout_s: float, backoff: bool = False) -> LoadResult:
     import aiohttp
 
     result = LoadResult()
@@ -74,10 +74,12 @@ async def _run(url: str, bodies: Sequence[tuple[bytes, dict[str, str]]], clients
                 i += clients
                 start = time.perf_counter()
                 status = 0
+                retry_after = None
                 try:
                     async with session.post(url, data=body, headers=headers) as resp:
                         await resp.read()
                         status = resp.status
+                        retry_after = resp.headers.get("Retry-After")
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     key = type(exc).__name__
                     if start >= t_measure:
@@ -97,15 +99,17 @@ async def _run(url: str, bodies: Sequence[tuple[bytes, dict[str, str]]], clients
                         if status == 503:
                             result.refused += 1
                             result.refused_latencies_s.append(done - start)
+                if backoff and status == 503 and retry_after and retry_after.isdigit():
+                    await asyncio.sleep(min(float(retry_after), max(0.0, t_end - time.perf_counter())))
 
         await asyncio.gather(*(worker(w) for w in range(clients)))
     result.seconds = min(time.perf_counter(), t_end) - t_measure if max_requests is None else time.perf_counter() - t_measure
     return result
 
 
-def _child(conn, url, bodies, clients, duration_s, warmup_s, max_requests, timeout_s) -> None:
+def _child(conn, url, bodies, clients, duration_s, warmup_s, max_requests, timeout_s, backoff) -> None:
     try:
-        res = asyncio.run(_run(url, bodies, clients, duration_s, warmup_s, max_requests, timeout_s))
+        res = asyncio.run(_run(url, bodies, clients, duration_s, warmup_s, max_requests, timeout_s, backoff))
         conn.send(("ok", res))
     except BaseException as exc:  # report to the parent instead of dying silently
         conn.send(("error", repr(exc)))
@@ -114,11 +118,14 @@ def _child(conn, url, bodies, clients, duration_s, warmup_s, max_requests, timeo
 
 
 def run_load(url: str, bodies: Sequence[tuple[bytes, dict[str, str]]], *, clients: int = 8, duration_s: float = 10.0,
-             warmup_s: float = 2.0, max_requests: int | None = None, timeout_s: float = 60.0) -> LoadResult:
-    """Run the load from a separate process and return its measurements."""
+             warmup_s: float = 2.0, max_requests: int | None = None, timeout_s: float = 60.0,
+             backoff: bool = False) -> LoadResult:
+    """Run the load from a separate process and return its measurements; ``backoff``: a refused (503)
+    client waits the ``Retry-After`` it was given before it sends again."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, url, list(bodies), clients, duration_s, warmup_s, max_requests, timeout_s), daemon=True)
+    proc = ctx.Process(target=_child, args=(child, url, list(bodies), clients, duration_s, warmup_s, max_requests, timeout_s,
+                                                     backoff), daemon=True)
     proc.start()
     child.close()
     limit = warmup_s + duration_s + timeout_s + 30
