@@ -239,6 +239,7 @@ def simulate(profile: DeviceProfile, policy: str, config: PolicyConfig,
     result = RunResult(policy)
     next_frame = 0  # index of the oldest frame not yet taken (frame k arrives at k / rate)
     t_free = 0.0
+    last_start: tuple[float, int] | None = None  # (start, size) of the previous batch
     tail_from = (settings.windows - settings.tail_windows) * settings.window_s
     for w in range(settings.windows):
         t_end = (w + 1) * settings.window_s
@@ -260,22 +261,29 @@ def simulate(profile: DeviceProfile, policy: str, config: PolicyConfig,
             n = min(size, queued)
             first = next_frame
             next_frame += n
+            # a batch's throughput: its items over the time since the previous batch began (as a meter would read)
+            same = last_start is not None and last_start[1] == size and start > last_start[0]
+            rate_now = n / (start - last_start[0]) if same else None  # a size change restarts the meter
+            last_start = (start, size)
             if profile.fails(size):
                 failed += n
                 t_free = start + point.service_s
-                obs.append(_observation(profile, size, point, n, failed=True))
+                obs.append(_observation(profile, size, point, n, None, failed=True))
                 continue
             t_free = start + point.service_s
             done = start + point.d_batch_s
             items += n
-            obs.append(_observation(profile, size, point, n, failed=False))
+            obs.append(_observation(profile, size, point, n, rate_now, failed=False))
             if start >= tail_from:
                 result.tail_items += n
                 mean_arrival = (first + (n - 1) / 2) / rate
                 result.tail_latency_sum_s += n * (done - mean_arrival)
                 result.tail_worst_latency_s = max(result.tail_worst_latency_s, done - first / rate)
-        throughput = items / settings.window_s
-        window = [replace(o, throughput=throughput, timestamp=w * settings.window_s) for o in obs]
+        metered = [o.throughput for o in obs if o.throughput > 0]
+        # a batch right after a size change has no meter reading yet: it gets the window's mean
+        fill = sum(metered) / len(metered) if metered else items / settings.window_s
+        window = [replace(o, throughput=o.throughput if o.throughput > 0 or o.failed else fill,
+                          timestamp=w * settings.window_s) for o in obs]
         decision, state = decide(window, replace(state, current=size), config)
         result.windows.append(WindowRecord(w, size, items, dropped, failed, decision.action, str(decision.code)))
         size = decision.batch_size
@@ -283,10 +291,11 @@ def simulate(profile: DeviceProfile, policy: str, config: PolicyConfig,
     return result
 
 
-def _observation(profile: DeviceProfile, size: int, point: SizePoint, n: int, *, failed: bool) -> Observation:
+def _observation(profile: DeviceProfile, size: int, point: SizePoint, n: int, rate: float | None, *,
+                 failed: bool) -> Observation:
     mem = point.mem_bytes
     return Observation(
-        batch_size=size, d_batch_s=point.d_batch_s, fps=profile.rate, throughput=0.0,
+        batch_size=size, d_batch_s=point.d_batch_s, fps=profile.rate, throughput=0.0 if failed else (rate or 0.0),
         mem_used_bytes=mem if profile.mem_total_bytes else None, mem_total_bytes=profile.mem_total_bytes,
         failed=failed, formed_batch_size=float(n), variant_items=((size, n),),
     )
@@ -306,7 +315,7 @@ class PolicyRow:
     images_per_s: float
     ratio_to_best_static: float
     margin_ms: float | None  # N/F - d_batch at the settled size (positive: keeps up)
-    mean_latency_ms: float
+    mean_latency_ms: float | None  # None: nothing was served
     dropped_per_s: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -326,12 +335,12 @@ def _row(name: str, run: RunResult, profile: DeviceProfile, best: float, setting
     size, last_change = run.settled(settings.tail_windows)
     tail = run.windows[-settings.tail_windows:]
     margin = None
-    if size is not None:
+    if size is not None and not profile.fails(size):
         margin = round((size / profile.rate - profile.point(size).d_batch_s) * 1000, 2)
     return PolicyRow(
         policy=name, settled_size=size, settle_window=last_change, probes=run.probes(last_change + 1),
         images_per_s=round(run.throughput, 2), ratio_to_best_static=round(run.throughput / best, 4) if best else 0.0,
-        margin_ms=margin, mean_latency_ms=round(run.mean_latency_s * 1000, 2),
+        margin_ms=margin, mean_latency_ms=round(run.mean_latency_s * 1000, 2) if run.tail_items else None,
         dropped_per_s=round(sum(w.dropped for w in tail) / (len(tail) * settings.window_s), 2),
     )
 

@@ -583,15 +583,23 @@ def predicted_capacity(measured: Mapping[int, float], size: int) -> float:
 
 def _saturation_target(n: int, state: ControllerState, fps: float, config: PolicyConfig) -> tuple[int, float] | None:
     """The size to probe when saturated at ``n``: the smallest untried size predicted to keep up with ``fps``,
-    else the one predicted best if that beats the best measured by ``min_gain``; None: nothing worth trying."""
+    else the one predicted best if that beats the best measured by ``min_gain``; None: nothing worth trying.
+
+    After a jump that did not pay (a ceiling is set), the curve between the smallest measured size and
+    that ceiling is unknown: the next size up is tried once before the prediction decides again.
+    """
     measured = dict(state.throughput)
     if not measured:
         return None
     candidates = [s for s in config.allowed_sizes if s > n and s not in measured
                   and (state.ceiling is None or s < state.ceiling)]
     predicted = {s: predicted_capacity(measured, s) for s in candidates}
+    if state.ceiling is not None and candidates:
+        inside = [s for s in measured if min(measured) < s < state.ceiling]
+        if not inside:
+            return candidates[0], predicted[candidates[0]]
     keeping_up = [s for s in candidates if predicted[s] >= fps]
-    if keeping_up:
+    if keeping_up and state.ceiling is None:
         return keeping_up[0], predicted[keeping_up[0]]
     best = max(candidates, key=lambda s: predicted[s], default=None)
     if best is not None and predicted[best] >= (1 + config.min_gain) * max(measured.values()):
@@ -717,6 +725,10 @@ def throughput_aware(
     if state.raise_streak < config.raise_after:
         return _keep(name, state, w, f"{_describe(w)}: met {state.raise_streak} of {config.raise_after} windows",
                      ReasonCode.MET_STREAK)
+    if w.formed_reported and abs(w.throughput / w.fps - 1) < config.min_gain:
+        # every frame of the stream is served: a larger batch can add no items/s, only latency
+        return _keep(name, state, w, f"settled at {n}: the stream is served in full ({w.throughput:.1f} items/s of "
+                     f"{w.fps:g}), a larger batch would add latency, not throughput", ReasonCode.SETTLED)
     reprobe = state.ceiling_reason.startswith("re-probe")
     prefix = f"{state.ceiling_reason}; " if reprobe else ""
     decision, nxt = _change(name, state, w, up, f"{prefix}{_describe(w)}: probe {up}", config,
