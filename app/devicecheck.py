@@ -95,7 +95,7 @@ def _parse_sizes(text: str) -> list[int]:
     except ValueError:
         sizes = []
     if not sizes or sizes[0] < 1:
-        raise SystemExit(f"devicecheck: --batch-sizes {text!r} must be positive integers, e.g. {DEFAULT_SIZES}")
+        raise argparse.ArgumentTypeError(f"{text!r} must be comma-separated positive integers, e.g. {DEFAULT_SIZES}")
     return sizes
 
 
