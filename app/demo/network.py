@@ -3,7 +3,8 @@
 The export contract (what serving relies on, see ``detector.json``):
 input ``images`` float32 (B, 3, 320, 320) RGB 0..1 letterboxed; output ``output0`` float32
 (B, 4 + nc, A) with rows cx, cy, w, h in input pixels and then per-class sigmoid probabilities,
-no objectness row. Only this module and ``train.py`` import torch.
+no objectness row. torch is imported by this module, ``train.py`` and the optional torch backend
+(``app/engines/torchrt.py``) only; serving the ONNX export needs none of them.
 """
 
 from __future__ import annotations
