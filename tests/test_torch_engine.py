@@ -22,6 +22,7 @@ from app.engines import available_backends, create_engine, run_padded
 from app.engines.torchrt import TorchEngine, estimate_activation_peak
 from app.errors import BadRequest, ConfigError, Unavailable
 from app.state import StateDir
+from model_registry.builders import build_onnx_variants
 from model_registry.repository import ModelRepository
 from model_registry.torch_build import DEMO_ASSETS, build_torch_variants
 
@@ -53,12 +54,18 @@ def built(state) -> dict[int, Path]:
     return {n: repo.find("demo-torch", alias="production", batch_size=n, backend="torch").path for n in (1, 2)}
 
 
-def onnx_outputs(batch: np.ndarray) -> np.ndarray:
-    engine = create_engine("onnx", DEMO_ONNX, options={"batch_size": batch.shape[0]})
-    return engine.run(batch)[0]
+@pytest.fixture(scope="module")
+def onnx_variants(tmp_path_factory) -> dict[int, Path]:
+    """The ONNX variants of the same weights, as `models build` (onnx) makes them."""
+    built = build_onnx_variants(DEMO_ONNX, [1, 2], tmp_path_factory.mktemp("onnx-variants"))
+    return {v.batch_size: v.path for v in built}
 
 
-def test_registry_round_trip_gives_the_onnx_variants_outputs(built, state):
+def onnx_outputs(batch: np.ndarray, variants: dict[int, Path]) -> np.ndarray:
+    return create_engine("onnx", variants[batch.shape[0]]).run(batch)[0]
+
+
+def test_registry_round_trip_gives_the_onnx_variants_outputs(built, state, onnx_variants):
     repo = ModelRepository(state=state)
     for n, path in built.items():
         variant = repo.find("demo-torch", alias="production", batch_size=n, backend="torch")
@@ -68,15 +75,15 @@ def test_registry_round_trip_gives_the_onnx_variants_outputs(built, state):
         engine = create_engine("torch", path)
         assert (engine.backend, engine.batch_size, engine.device) == ("torch", n, "cpu")
         batch = RNG.random((n, 3, 320, 320), dtype=np.float32)
-        ours, ref = engine.run(batch)[0], onnx_outputs(batch)
+        ours, ref = engine.run(batch)[0], onnx_outputs(batch, onnx_variants)
         assert ours.shape == ref.shape == (n, 7, 2000)
         np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=1e-4)
 
 
-def test_partial_batch_is_padded_and_the_shape_is_checked(built):
+def test_partial_batch_is_padded_and_the_shape_is_checked(built, onnx_variants):
     engine = create_engine("torch", built[2])
     one = RNG.random((1, 3, 320, 320), dtype=np.float32)
-    np.testing.assert_allclose(run_padded(engine, one)[0], onnx_outputs(one), atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(run_padded(engine, one)[0], onnx_outputs(one, onnx_variants), atol=2e-4, rtol=1e-4)
     with pytest.raises(BadRequest, match="does not match the model input"):
         engine.run(one)
     engine.close()
@@ -189,3 +196,41 @@ def test_without_torch_the_backend_is_one_line_with_the_fix_and_onnx_still_serve
     assert status.startswith("PyTorch is not installed") and TORCH_REQUIREMENT in status
     assert "needs PyTorch" in refusal and TORCH_REQUIREMENT in refusal
     assert available_backends()["torch"] == "available"  # here it is installed (the dev extra)
+
+
+class _FakeCuda:
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def is_available(self) -> bool:
+        return self.count > 0
+
+    def device_count(self) -> int:
+        return self.count
+
+
+class _FakeTorch:
+    __version__ = "fake"
+
+    def __init__(self, gpus: int) -> None:
+        self.cuda = _FakeCuda(gpus)
+
+
+@pytest.mark.parametrize("gpus, options, expected", [
+    (0, {}, "cpu"),
+    (2, {}, "cuda:0"),
+    (2, {"device": "cpu"}, "cpu"),
+    (2, {"device": "cuda"}, "cuda:0"),
+    (2, {"device_index": 1}, "cuda:1"),  # what create_engine(..., device="cuda:1") passes
+])
+def test_device_choice_is_cuda_when_there_is_one(gpus, options, expected):
+    from app.engines.torchrt import resolve_device
+
+    assert resolve_device(_FakeTorch(gpus), options) == expected
+
+
+def test_a_gpu_index_the_node_lacks_is_refused():
+    from app.engines.torchrt import resolve_device
+
+    with pytest.raises(ConfigError, match="has 2 CUDA device"):
+        resolve_device(_FakeTorch(2), {"device": "cuda:2"})
