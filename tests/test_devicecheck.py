@@ -75,3 +75,16 @@ def test_bad_flags_are_one_line(bare_copy, tmp_path):
     proc = _run(["-m", "app.devicecheck", "--out", str(tmp_path), "--batch-sizes", "0,x"], bare_copy)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "--batch-sizes" in proc.stderr
+
+
+def test_without_the_onnx_package_it_says_the_weights_are_random(bare_copy, tmp_path):
+    """The GPU machine may lack `onnx`: the curve still runs, on seeded random weights, and says so."""
+    code = ("import sys; sys.modules['onnx'] = None; from app.devicecheck import main; "
+            f"sys.exit(main(['--out', {str(tmp_path)!r}, '--batch-sizes', '1', '--iterations', '1', '--warmup', '0', "
+            "'--windows', '6']))")
+    proc = _run(["-c", code], bare_copy)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "devicecheck.json").read_text())
+    assert result["weights"].startswith("random (seeded)") and "onnx package is not installed" in result["weights"]
+    assert result["correctness"]["torch"]["onnxruntime"] == "not compared: random weights"
+    assert "weights: random (seeded)" in proc.stdout
