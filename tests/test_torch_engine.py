@@ -198,6 +198,28 @@ def test_without_torch_the_backend_is_one_line_with_the_fix_and_onnx_still_serve
     assert available_backends()["torch"] == "available"  # here it is installed (the dev extra)
 
 
+def test_the_detector_serves_the_torch_variants_like_the_onnx_ones(built, state):
+    """`backend: torch` in a DetectorConfig: the same detections as the ONNX demo model on the same frames."""
+    from app.bench.images import sample_jpegs
+    from app.config import DetectorConfig
+    from app.detector import DetectRequest
+    from model_registry.demo import DEMO_MODEL, ensure_demo_model
+    from model_registry.source import local_detector
+
+    ensure_demo_model(ModelRepository(state=state))
+    jpegs = sample_jpegs(n=2)
+    found = {}
+    for model, backend in (("demo-torch", "torch"), (DEMO_MODEL, "onnx")):
+        config = DetectorConfig(model=model, backend=backend, batch_sizes=[1, 2], max_batch_size=2)
+        detector, _, _ = local_detector(config, state)
+        variant = detector.setup(2)
+        assert variant.variant.backend == backend
+        results = [r.unwrap() for r in detector.handle_batch([DetectRequest.encoded(j) for j in jpegs])]
+        found[backend] = [[(d.label, round(d.score, 2)) for d in r.detections] for r in results]
+        detector.close()
+    assert found["torch"] == found["onnx"] and any(found["onnx"])
+
+
 class _FakeCuda:
     def __init__(self, count: int) -> None:
         self.count = count

@@ -40,7 +40,7 @@ backends:
 examples:
   edgebatch models build yolov8n.onnx --name yolov8n --batch-sizes 1,2,4,8,16
   edgebatch models promote yolov8n 3 --alias production
-  edgebatch models build --backend torch --name demo-detector --batch-sizes 1,2,4,8
+  edgebatch models build --backend torch --name demo-torch --batch-sizes 1,2,4,8 --alias production
 
 The registry is SQLite in the state folder unless MLFLOW_TRACKING_URI points at
 an `mlflow server`. The new version number is the last line printed.
