@@ -220,6 +220,21 @@ def test_the_detector_serves_the_torch_variants_like_the_onnx_ones(built, state)
     assert found["torch"] == found["onnx"] and any(found["onnx"])
 
 
+def test_the_cuda_graphs_knob_of_a_detector_is_checked_and_reaches_the_engine(built, state):
+    from pydantic import ValidationError
+
+    from app.config import DetectorConfig
+    from model_registry.source import local_detector
+
+    with pytest.raises(ValidationError, match="cuda_graphs is a knob of the torch backend"):
+        DetectorConfig(backend="onnx", cuda_graphs=True)
+    config = DetectorConfig(model="demo-torch", backend="torch", batch_sizes=[1, 2], max_batch_size=1, cuda_graphs=True)
+    detector, _, _ = local_detector(config, state)
+    with pytest.raises(Unavailable, match="CUDA graphs are not available there"):  # this CPU says so, never ignores it
+        detector.setup(1)
+    detector.close()
+
+
 class _FakeCuda:
     def __init__(self, count: int) -> None:
         self.count = count
