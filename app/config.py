@@ -51,6 +51,8 @@ class DetectorConfig(BaseModel):
         description="let ONNX Runtime's idle threads spin: a little lower latency on a free core, but they "
         "burn the CPU that decoding, NMS and the HTTP proxy need on a small edge box",
     )
+    cuda_graphs: bool = Field(False, description="torch backend: replay each batch size from a captured CUDA graph "
+                              "(needs a CUDA GPU: a CPU node refuses the variant rather than ignore it)")
     alias_poll_s: float = Field(5.0, ge=0.0, description="how often to check whether the alias moved (0 = never)")
     tracking_uri: str | None = Field(None, description="MLflow URI; default MLFLOW_TRACKING_URI or the local state folder")
 
@@ -83,6 +85,9 @@ class DetectorConfig(BaseModel):
                 f"max_batch_size {self.max_batch_size} exceeds the largest variant in batch_sizes "
                 f"{self.batch_sizes}; add a larger variant or lower max_batch_size"
             )
+        if self.cuda_graphs and self.backend != "torch":
+            raise ValueError(f"cuda_graphs is a knob of the torch backend, not of {self.backend}; "
+                             "set backend: torch or drop cuda_graphs")
         return self
 
     def variant_for(self, n: int) -> int:

@@ -27,8 +27,10 @@ STREAMS_APP = "edgebatch-streams"
 STREAMS_DEPLOYMENT = "StreamsIngress"
 
 # -- backends ---------------------------------------------------------------------
-Backend = Literal["onnx", "tensorrt", "tflite", "edgetpu"]
-BACKENDS: tuple[str, ...] = ("onnx", "tensorrt", "tflite", "edgetpu")
+Backend = Literal["onnx", "tensorrt", "tflite", "edgetpu", "torch"]
+BACKENDS: tuple[str, ...] = ("onnx", "tensorrt", "tflite", "edgetpu", "torch")
+# the one torch the optional backend is tested with; never unpinned (DEVELOPERS.md)
+TORCH_REQUIREMENT = "torch==2.13.0"
 
 # -- the model-name rule (names reach MLflow and the per-node cache's paths) ---------
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from app.constants import BACKENDS
 from app.errors import BadRequest, Unavailable
 
-BACKENDS = ("onnx", "tensorrt", "tflite", "edgetpu")
 _TFLITE_MAGIC = b"TFL3"
 _EDGETPU_OP = b"edgetpu-custom-op"
 _VARIANT_FILE_RE = re.compile(r"_b(\d+)(?:_edgetpu)?\.tflite$")
@@ -543,6 +543,10 @@ def build_variants(
         return build_onnx_variants(_need(source, backend), batch_sizes, out_dir, imgsz=imgsz)
     if backend == "tensorrt":
         return build_tensorrt_variants(_need(source, backend), batch_sizes, out_dir, fp16=fp16, imgsz=imgsz)
+    if backend == "torch":  # torch is optional: imported only for this backend
+        from model_registry.torch_build import build_torch_variants
+
+        return build_torch_variants(source, batch_sizes, out_dir, imgsz=imgsz)
     if imgsz is not None:
         raise BadRequest(f"--imgsz is for ONNX sources; {backend} files were compiled at their own size")
     return variants_from_files(backend, files or {})

@@ -68,6 +68,8 @@ class RegistryModelSource:
             if threads:
                 options["intra_op_num_threads"] = threads
             options["allow_spinning"] = self.config.intra_op_spinning
+            if self.config.cuda_graphs:
+                options["cuda_graphs"] = True
             engine = create_engine(variant.backend, Path(variant.path), options=options)
             log.info("loaded %s v%s batch %d (%s) from %s", model.name, model.version, batch_size, variant.backend, variant.path)
             return engine, variant

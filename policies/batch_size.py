@@ -47,6 +47,7 @@ class ReasonCode(StrEnum):
     NO_THROUGHPUT_GAIN = "no_throughput_gain"  # the probe gave less than min_gain: step back
     VARIANT_NOT_RUN = "variant_not_run"  # the probed size's variant served too few items to measure a gain
     SETTLED = "settled"
+    SATURATED = "saturated"  # throughput_aware: full batches, the stream outruns the device: probe a larger size
     MEMORY_SHORT = "memory_short"
     AT_LARGEST = "at_largest"
     AT_SMALLEST = "at_smallest"
@@ -283,6 +284,7 @@ class WindowSummary:
     count: int
     formed_batch_size: float
     own_variant_share: float | None  # share of the items the size in force's variant served; None: not reported
+    formed_reported: bool = False  # the source reported the formed batch sizes (so full batches can be told)
 
     @property
     def budget(self) -> RealTimeBudget:
@@ -324,6 +326,7 @@ def summarize(window: Sequence[Observation]) -> WindowSummary:
         count=len(at_n),
         formed_batch_size=math.fsum(o.filled_size for o in ok) / len(ok) if ok else float(n),
         own_variant_share=(sum(own for own, _ in shares) / total if total else 0.0) if shares else None,
+        formed_reported=bool(ok) and all(o.formed_batch_size is not None for o in ok),
     )
 
 
@@ -547,6 +550,96 @@ def _settle(state: ControllerState, ceiling: int, reason: str, config: PolicyCon
     )
 
 
+def _saturated(w: WindowSummary, config: PolicyConfig) -> str | None:
+    """Why the device, not the batch size, is behind: full batches formed and fewer items/s came out than went in.
+
+    Only a window that reports its formed batch sizes can say so (a half-empty batch is a latency
+    question, not a capacity one); a failure, full memory or a missed latency SLO is never saturation.
+    """
+    if (w.failed or not w.formed_reported or w.formed_batch_size < w.batch_size - 0.5 or _memory_short(w, config)
+            or _slo_missed(w, config) is not None or not w.measures_own_size(config)):
+        return None
+    if w.throughput >= w.fps * (1 - config.min_gain):
+        return None
+    return f"full batches of {w.batch_size}, {w.throughput:.1f} items/s out of {w.fps:g} in"
+
+
+def predicted_capacity(measured: Mapping[int, float], size: int) -> float:
+    """Items/s at ``size`` from the capacities measured at other sizes: batch time affine in N.
+
+    With one measured size the batch time is taken as no longer than there (an optimistic bound:
+    capacity grows at most linearly), with two or more the line through the two largest.
+    """
+    sizes = sorted(measured)
+    top = sizes[-1]
+    t_top = top / measured[top]
+    slope = 0.0
+    if len(sizes) > 1:
+        low = sizes[-2]
+        slope = max(0.0, (t_top - low / measured[low]) / (top - low))
+    batch_time = t_top + slope * (size - top)
+    return size / batch_time if batch_time > 0 else math.inf
+
+
+def _saturation_target(n: int, state: ControllerState, fps: float, config: PolicyConfig) -> tuple[int, float] | None:
+    """The size to probe when saturated at ``n``: the smallest untried size predicted to keep up with ``fps``,
+    else the one predicted best if that beats the best measured by ``min_gain``; None: nothing worth trying.
+
+    After a jump that did not pay (a ceiling is set), the curve between the smallest measured size and
+    that ceiling is unknown: the next size up is tried once before the prediction decides again.
+    """
+    measured = dict(state.throughput)
+    if not measured:
+        return None
+    candidates = [s for s in config.allowed_sizes if s > n and s not in measured
+                  and (state.ceiling is None or s < state.ceiling)]
+    predicted = {s: predicted_capacity(measured, s) for s in candidates}
+    if state.ceiling is not None and candidates:
+        inside = [s for s in measured if min(measured) < s < state.ceiling]
+        if not inside:
+            return candidates[0], predicted[candidates[0]]
+    keeping_up = [s for s in candidates if predicted[s] >= fps]
+    if keeping_up and state.ceiling is None:
+        return keeping_up[0], predicted[keeping_up[0]]
+    best = max(candidates, key=lambda s: predicted[s], default=None)
+    if best is not None and predicted[best] >= (1 + config.min_gain) * max(measured.values()):
+        return best, predicted[best]
+    return None
+
+
+def _saturated_move(
+    name: str, state: ControllerState, w: WindowSummary, config: PolicyConfig, why: str
+) -> tuple[Decision, ControllerState]:
+    """Saturated: judge a running probe, then jump to the size the measured curve predicts (at most a few probes)."""
+    n = w.batch_size
+    if state.cooldown > 0:
+        return _keep(name, state, w, f"{why}: cooling down", ReasonCode.COOLDOWN)
+    if state.probe_from is not None:
+        small = state.probe_from
+        t_small, t_big = state.throughput_at(small) or 0.0, state.throughput_at(n) or 0.0
+        gain = t_big / t_small - 1 if t_small > 0 else math.inf
+        if gain < config.min_gain:
+            back = max(state.throughput, key=lambda st: st[1])[0]
+            verdict = f"{why}: batch {n} gave {t_big:.1f} items/s vs {t_small:.1f} at {small} ({gain:+.1%})"
+            state = _settle(state, n, verdict, config)
+            return _change(name, state, w, back, f"{verdict}: back to {back}, the best measured", config,
+                           ReasonCode.NO_THROUGHPUT_GAIN)
+        state = replace(state, probe_from=None)
+    target = _saturation_target(n, state, w.fps, config)
+    if target is None:
+        best = max(state.throughput, key=lambda st: st[1])[0] if state.throughput else n
+        if best != n:
+            state = _settle(state, n, f"{why}: batch {best} measured more", config)
+            return _change(name, state, w, best, f"{why}: batch {best} measured more items/s: back to {best}",
+                           config, ReasonCode.NO_THROUGHPUT_GAIN)
+        return _keep(name, state, w, f"settled at {n}: {why}; no untried size is predicted to do better",
+                     ReasonCode.SETTLED)
+    size, predicted = target
+    decision, nxt = _change(name, state, w, size, f"{why}: probe {size} (predicted {predicted:.1f} items/s)",
+                            config, ReasonCode.SATURATED)
+    return decision, replace(nxt, probe_from=n, ceiling_reason="")
+
+
 def throughput_aware(
     window: Sequence[Observation], state: ControllerState, config: PolicyConfig
 ) -> tuple[Decision, ControllerState]:
@@ -561,6 +654,10 @@ def throughput_aware(
         state = replace(state, probe_from=None)  # the size was changed from outside
     if not w.failed and w.measures_own_size(config):
         state = state.with_throughput(n, w.throughput)  # only what this size's variant ran counts as its figure
+
+    saturated = _saturated(w, config)
+    if saturated is not None:  # lowering cannot help a device that is behind: measure larger sizes instead
+        return _saturated_move(name, state, w, config, saturated)
 
     safety = _failure_or_miss(name, state, w, config)
     if safety is not None:
@@ -628,6 +725,10 @@ def throughput_aware(
     if state.raise_streak < config.raise_after:
         return _keep(name, state, w, f"{_describe(w)}: met {state.raise_streak} of {config.raise_after} windows",
                      ReasonCode.MET_STREAK)
+    if w.formed_reported and abs(w.throughput / w.fps - 1) < config.min_gain:
+        # every frame of the stream is served: a larger batch can add no items/s, only latency
+        return _keep(name, state, w, f"settled at {n}: the stream is served in full ({w.throughput:.1f} items/s of "
+                     f"{w.fps:g}), a larger batch would add latency, not throughput", ReasonCode.SETTLED)
     reprobe = state.ceiling_reason.startswith("re-probe")
     prefix = f"{state.ceiling_reason}; " if reprobe else ""
     decision, nxt = _change(name, state, w, up, f"{prefix}{_describe(w)}: probe {up}", config,

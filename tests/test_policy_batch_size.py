@@ -208,7 +208,8 @@ def _window_at(size: int, obs: Sequence[Observation]) -> list[Observation]:
 def test_adaptive_policies_never_raise_on_a_miss_a_failure_or_full_memory(
     name: str, windows: list[list[Observation]], sizes: list[int], reprobe: int | None
 ) -> None:
-    """Open loop: the size in force is arbitrary (even not what the policy chose)."""
+    """Open loop: the size in force is arbitrary (even not what the policy chose). These windows do not
+    report formed batch sizes, so no policy can call them saturated (see the test after this one)."""
     config = PolicyConfig(reprobe_after_windows=reprobe)
     policy = get_policy(name)
     state = ControllerState()
@@ -227,6 +228,66 @@ def test_adaptive_policies_never_raise_on_a_miss_a_failure_or_full_memory(
             assert decision.batch_size <= size
         if decision.action == "raise":
             assert decision.batch_size > size
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    name=st.sampled_from(ADAPTIVE),
+    windows=st.lists(st.lists(st.tuples(observations, st.floats(0.2, 1.0)), min_size=1, max_size=4),
+                     min_size=1, max_size=30),
+    sizes=st.lists(st.sampled_from(SIZES), min_size=30, max_size=30),
+)
+def test_a_raise_on_a_miss_only_when_the_device_is_saturated(name, windows, sizes) -> None:
+    """With formed sizes reported, throughput_aware may raise on a miss when every batch was full and fewer
+    items/s came out than the stream sent (lowering cannot help then); never on a failure or full memory."""
+    config = PolicyConfig()
+    policy = get_policy(name)
+    state = ControllerState()
+    for size, raw in zip(sizes, windows):
+        window = [replace(o, batch_size=size, formed_batch_size=max(0.5, fill * size), variant_items=((size, 10),))
+                  for o, fill in raw]
+        decision, state = policy(window, state, config)
+        w = summarize(window)
+        mem_full = w.mem_fraction is not None and w.mem_fraction >= config.mem_threshold
+        if decision.action != "raise":
+            continue
+        assert decision.batch_size > size
+        assert not w.failed and not mem_full, decision.reason
+        missed = any(not RealTimeBudget(o.filled_size, window[-1].fps).is_met(o.d_batch_s) for o in window)
+        if missed:
+            assert name == "throughput_aware" and decision.code == ReasonCode.SATURATED, decision.reason
+            assert w.formed_batch_size >= size - 0.5 and w.throughput < w.fps * (1 - config.min_gain)
+
+
+def test_predicted_capacity_is_affine_in_the_batch_time() -> None:
+    from policies.batch_size import predicted_capacity
+
+    # one size measured: batch time no longer than there (capacity at most linear in N)
+    assert predicted_capacity({1: 25.0}, 4) == pytest.approx(100.0)
+    # two: the line through them, 20 ms + 5 ms/frame
+    measured = {1: 1 / 0.025, 2: 2 / 0.030}
+    assert predicted_capacity(measured, 8) == pytest.approx(8 / 0.060)
+    # a batch time that shrinks with N is taken as flat, never as free
+    assert predicted_capacity({1: 10.0, 2: 40.0}, 4) == pytest.approx(4 / 0.05)
+
+
+def test_saturated_gpu_jumps_to_the_size_that_keeps_up_in_two_probes() -> None:
+    """A stream of 120 fps and a GPU with 45 items/s at batch 1: from 1, straight to 4, then settled."""
+    model = SyntheticPipeline(fps=120.0, a=0.02, b=0.002, c=0.0001)
+    config = PolicyConfig()
+    state = ControllerState()
+    size, probes, trail = 1, 0, []
+    for _ in range(20):
+        capacity = model.capacity(size)
+        served = min(capacity, model.fps)
+        obs = replace(model.observe(size), throughput=served, formed_batch_size=float(size),
+                      variant_items=((size, 10),))
+        decision, state = get_policy(DEFAULT_POLICY)([obs] * 3, state, config)
+        probes += decision.code in (ReasonCode.PROBE, ReasonCode.SATURATED)
+        size = decision.batch_size
+        trail.append(size)
+    assert trail[0] == 4 and trail[-10:] == [4] * 10, trail
+    assert probes <= 2
 
 
 @settings(max_examples=60, deadline=None)

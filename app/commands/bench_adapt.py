@@ -10,6 +10,10 @@ Phases under one steady closed-loop HTTP load (``--clients`` clients sending cam
 
 The load client runs in this process (an asyncio loop in a thread) so request start
 times share one clock with the swap; the server runs in Ray's workers.
+
+With ``--profile NAME|FILE`` nothing is served: the policies run against a simulated device
+(``app.simulation``: a device profile's per-batch delays, stream rate and memory), every static
+size and every adaptive policy on the same simulated streams, and the table says SIMULATED.
 """
 
 from __future__ import annotations
@@ -31,11 +35,27 @@ COLUMNS = [
 ]
 
 
+SIM_COLUMNS = [
+    ("policy", "policy"), ("settled_size", "settled"), ("settle_window", "settled at window"), ("probes", "probes"),
+    ("images_per_s", "images/s"), ("ratio_to_best_static", "vs best static"), ("margin_ms", "margin ms"),
+    ("mean_latency_ms", "latency ms"), ("dropped_per_s", "dropped/s"),
+]
+
+
 def add_bench_adapt(bsub: argparse._SubParsersAction) -> None:
-    p = bsub.add_parser("adapt", help="adaptive batch controller vs every static size, plus a swap under load")
+    p = bsub.add_parser("adapt", help="adaptive batch controller vs every static size, plus a swap under load "
+                                      "(or, with --profile, simulated on a device profile)")
     p.add_argument("--model", default="demo-detector")
     p.add_argument("--policy", default="throughput_aware", choices=["throughput_aware", "algorithm1", "aimd"])
-    p.add_argument("--fps", type=float, default=30.0, help="stream rate F of the real-time criterion N/F")
+    p.add_argument("--fps", type=float, default=None,
+                   help="stream rate F of the real-time criterion N/F (default 30, or the profile's)")
+    p.add_argument("--profile", metavar="NAME|FILE", default=None,
+                   help="simulate instead of serving: a shipped device profile (see --list-profiles) or a JSON file "
+                        "(a profile, `python -m app.devicecheck` output, `bench sweep --json` output)")
+    p.add_argument("--list-profiles", action="store_true", help="list the shipped device profiles and exit")
+    p.add_argument("--streams", type=int, default=None, help="simulated: streams of F fps (default: the profile's)")
+    p.add_argument("--windows", type=int, default=60, help="simulated: policy windows per run")
+    p.add_argument("--window-s", type=float, default=2.0, help="simulated: seconds per policy window")
     p.add_argument("--batch-sizes", default=None, help="sizes to sweep (default: the detector's batch_sizes)")
     p.add_argument("--clients", type=int, default=8, help="closed-loop HTTP clients")
     p.add_argument("--step", type=float, default=10.0, help="measured seconds per static size")
@@ -152,7 +172,50 @@ def _wait(seconds: float) -> None:
     time.sleep(max(seconds, 0.0))
 
 
+def cmd_adapt_simulated(args: argparse.Namespace) -> int:
+    """Every static size and policy on a device profile; no Ray, no model, clearly labelled SIMULATED."""
+    from app.simulation import SimulationSettings, compare, load_profile, shipped_profiles
+    from policies.batch_size import DEFAULT_POLICY
+
+    if args.list_profiles:
+        for name, path in shipped_profiles().items():
+            profile = load_profile(str(path))
+            print(f"{name}  [{profile.kind}]  {profile.description}")
+        return 0
+    if args.windows < 10 or args.window_s <= 0 or (args.streams is not None and args.streams < 1):
+        raise ConfigError("--windows must be >= 10, --window-s > 0 and --streams >= 1")
+    profile = load_profile(args.profile).with_load(fps=args.fps, streams=args.streams)
+    settings = SimulationSettings(windows=args.windows, window_s=args.window_s, tail_windows=max(5, args.windows // 3))
+    result = compare(profile, settings=settings)
+    rows = [{**r.to_dict(), "phase": "static"} for r in result.statics]
+    rows += [{**r.to_dict(), "phase": "policy"} for r in result.policies]
+    default = next(r for r in result.policies if r.policy == DEFAULT_POLICY)
+    report = BenchReport("adapt (SIMULATED)", SIM_COLUMNS, rows)
+    report.notes += [
+        f"SIMULATED: no model ran. Device profile {profile.name} [{profile.kind}]: {profile.description}",
+        f"numbers from: {profile.source}",
+        f"load: {profile.streams} stream(s) x {profile.fps:g} fps = {profile.rate:g} frames/s; {settings.windows} "
+        f"windows of {settings.window_s:g} s, figures over the last {settings.tail_windows}; margin = N/F - d_batch",
+    ]
+    report.summary = {
+        "simulated": True,
+        "profile": profile.to_dict(),
+        "best_static_batch_size": result.best_static.settled_size,
+        "best_static_images_per_s": result.best_static.images_per_s,
+        "default_policy": DEFAULT_POLICY,
+        "default_settled_size": default.settled_size,
+        "default_ratio_to_best_static": default.ratio_to_best_static,
+        "default_probes": default.probes,
+        "default_within_5_percent": default.ratio_to_best_static >= 0.95,
+    }
+    report.emit(args.json)
+    return 0
+
+
 def cmd_adapt(args: argparse.Namespace) -> int:
+    if args.profile or args.list_profiles:
+        return cmd_adapt_simulated(args)
+    args.fps = 30.0 if args.fps is None else args.fps
     import httpx
     from ray import serve
 

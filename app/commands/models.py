@@ -26,6 +26,10 @@ backends:
             here); each plan is tagged with the GPU and TensorRT version it is valid for.
   tflite    register already-converted .tflite files, one per batch size.
   edgetpu   register already-compiled *_edgetpu.tflite files (edgetpu_compiler output).
+  torch     one torch.export program (.pt2) per batch size, run by PyTorch (CUDA when the node
+            has it, else the CPU); SOURCE is a program saved with torch.export.save, or none
+            for the demo detector (app/demo/network.py with the committed ONNX weights).
+            Needs torch: pip install 'edgebatch[torch]'.
 
   tflite/edgetpu files are given as --variant BATCH=FILE (repeatable), or as a folder
   in SOURCE whose files are named *_b<N>.tflite / *_b<N>_edgetpu.tflite:
@@ -36,6 +40,7 @@ backends:
 examples:
   edgebatch models build yolov8n.onnx --name yolov8n --batch-sizes 1,2,4,8,16
   edgebatch models promote yolov8n 3 --alias production
+  edgebatch models build --backend torch --name demo-torch --batch-sizes 1,2,4,8 --alias production
 
 The registry is SQLite in the state folder unless MLFLOW_TRACKING_URI points at
 an `mlflow server`. The new version number is the last line printed.
@@ -88,6 +93,10 @@ def _labels_for(args: argparse.Namespace, repo, source: Path | None) -> tuple[li
 
     if args.labels:
         return read_labels(Path(args.labels)), f"from {args.labels}"
+    if args.backend == "torch" and source is None:
+        from model_registry.torch_build import DEMO_ASSETS
+
+        return read_labels(DEMO_ASSETS / "detector.json"), "from the demo detector (detector.json)"
     if source is not None and source.is_file() and source.suffix == ".onnx":
         names = export_metadata(source).names
         if names:
@@ -103,6 +112,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from model_registry.repository import validate_name
 
     validate_name(args.name)
+    if args.backend == "torch":  # the optional extra: one line with the fix before MLflow opens
+        from app.engines.torchrt import import_torch
+
+        import_torch()
     repo = _repo(args)
     repo.check_available()  # fail before a long build, not after it
     source = Path(args.source) if args.source else None
@@ -204,10 +217,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build = sub.add_parser("build", parents=[common], help="build fixed-batch variants and register a version",
                            epilog=_BUILD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     build.add_argument("source", nargs="?", metavar="SOURCE",
-                       help="ONNX export (onnx, tensorrt) or a folder of .tflite files (tflite, edgetpu)")
+                       help="ONNX export (onnx, tensorrt), a folder of .tflite files (tflite, edgetpu), a "
+                            "torch.export .pt2 file or nothing for the demo network (torch)")
     build.add_argument("--name", required=True, help="model name: letters, digits, '.', '_', '-'")
     build.add_argument("--batch-sizes", default="1,2,4,8,16", help="comma-separated (default 1,2,4,8,16)")
-    build.add_argument("--backend", default="onnx", choices=["onnx", "tensorrt", "tflite", "edgetpu"])
+    build.add_argument("--backend", default="onnx", choices=["onnx", "tensorrt", "tflite", "edgetpu", "torch"])
     build.add_argument("--variant", action="append", metavar="BATCH=FILE",
                        help="a precompiled tflite/edgetpu file for one batch size (repeatable)")
     build.add_argument("--fp16", action="store_true", help="TensorRT: build FP16 plans")

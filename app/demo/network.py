@@ -3,7 +3,8 @@
 The export contract (what serving relies on, see ``detector.json``):
 input ``images`` float32 (B, 3, 320, 320) RGB 0..1 letterboxed; output ``output0`` float32
 (B, 4 + nc, A) with rows cx, cy, w, h in input pixels and then per-class sigmoid probabilities,
-no objectness row. Only this module and ``train.py`` import torch.
+no objectness row. torch is imported by this module, ``train.py`` and the optional torch backend
+(``app/engines/torchrt.py``) only; serving the ONNX export needs none of them.
 """
 
 from __future__ import annotations
@@ -185,3 +186,60 @@ def declare_output_shape(path: str, channels: int, anchors: int) -> None:
     dims[2].dim_value = anchors
     onnx.checker.check_model(onnx.shape_inference.infer_shapes(model, strict_mode=True))
     onnx.save(model, path)
+
+
+def _module_path(node_name: str) -> str:
+    """The torch module path of an exported Conv node: ``/detector/stage2/stage2.1/cv1/cv1.0/Conv`` ->
+    ``stage2.1.cv1.0`` (the legacy exporter names each scope, repeating its parent's prefix)."""
+    scopes = node_name.strip("/").split("/")[1:-1]
+    return ".".join(s for i, s in enumerate(scopes) if not (i + 1 < len(scopes) and scopes[i + 1].startswith(s + ".")))
+
+
+def load_onnx_weights(detector: Detector, onnx_path: str) -> Detector:
+    """Put the weights of an ``export_onnx`` file (BatchNorm folded into each conv) back into ``detector``.
+
+    The committed asset ships only the ONNX file; this makes the same network in torch, so the
+    torch backend serves the very weights the ONNX variants do. Each folded conv's BatchNorm
+    becomes the identity (scale 1, shift = the folded bias, mean 0, variance 1 - eps).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(onnx_path)
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    modules = dict(detector.named_modules())
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    expected = sum(isinstance(m, nn.Conv2d) for m in detector.modules())
+    if len(convs) != expected:
+        raise ValueError(f"{onnx_path} has {len(convs)} convolutions, this DetectorSpec {expected}: another network")
+    with torch.no_grad():
+        for node in convs:
+            path = _module_path(node.name)
+            conv = modules.get(path)
+            weight = torch.from_numpy(values[node.input[1]].copy())
+            bias = torch.from_numpy(values[node.input[2]].copy())
+            if not isinstance(conv, nn.Conv2d) or conv.weight.shape != weight.shape:
+                raise ValueError(f"{onnx_path}: conv {node.name} does not match module {path!r} of this DetectorSpec")
+            conv.weight.copy_(weight)
+            if conv.bias is not None:
+                conv.bias.copy_(bias)
+                continue
+            norm = modules[path.rsplit(".", 1)[0]][1]
+            norm.weight.fill_(1.0)
+            norm.bias.copy_(bias)
+            norm.running_mean.zero_()
+            norm.running_var.fill_(1.0 - norm.eps)
+    return detector.eval()
+
+
+def demo_export_module(onnx_path: str | None) -> tuple[ExportWrapper, str]:
+    """The demo detector's exported graph as a torch module, and where its weights came from.
+
+    ``onnx_path``: the committed ``detector.onnx`` (the trained weights); None: seeded random
+    weights, for a speed curve on a machine without the ``onnx`` package (same shapes, same cost).
+    """
+    torch.manual_seed(0)
+    detector = Detector(DetectorSpec())
+    if onnx_path is None:
+        return ExportWrapper(detector.eval()).eval(), "random (seeded): speed only, outputs are not the demo's"
+    return ExportWrapper(load_onnx_weights(detector, onnx_path)).eval(), f"trained weights from {onnx_path}"

@@ -1,5 +1,6 @@
 """Engine factory: one name per backend, imported lazily so a node only needs its own runtime.
 
+``torch`` runs ``torch.export`` programs (CUDA when there is one), only where torch is installed.
 ``edgetpu`` is ``tflite`` with the EdgeTPU delegate preferred: without libedgetpu it
 runs on the CPU and says so in ``engine.device`` (``options={"require_edgetpu": True}``
 turns that into an Unavailable error instead).
@@ -29,6 +30,10 @@ def new_engine(backend: str, *, options: dict | None = None) -> Engine:
         from app.engines.tensorrt import TensorRTEngine
 
         return TensorRTEngine(options)
+    if backend == "torch":
+        from app.engines.torchrt import TorchEngine
+
+        return TorchEngine(options)
     if backend in ("tflite", "edgetpu"):
         from app.engines.litert import LiteRTEngine
 
@@ -81,6 +86,13 @@ def available_backends() -> dict[str, str]:
         )
     except Unavailable as exc:
         status["tensorrt"] = exc.message
+
+    if _has_module("torch"):
+        status["torch"] = "available"
+    else:
+        from app.engines.torchrt import INSTALL_HINT
+
+        status["torch"] = f"PyTorch is not installed: {INSTALL_HINT}"
 
     from app.engines.litert import EDGETPU_LIBRARY, import_coral_edgetpu, import_interpreter_api
 
