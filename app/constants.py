@@ -26,6 +26,13 @@ CONTROLLER_DEPLOYMENT = "BatchController"
 STREAMS_APP = "edgebatch-streams"
 STREAMS_DEPLOYMENT = "StreamsIngress"
 
+# -- streams through the detector ---------------------------------------------------
+#: Frames a Ray stream reader takes from its stream's queue and has not delivered yet (pre-processing,
+#: at the detector, post-processing): enough for the replica to batch across streams and to overlap
+#: a reader's stages, few enough that a stream falling behind waits (and drops, with drop_oldest) in
+#: its own queue instead of ageing in hand-offs.
+READER_FRAMES_IN_FLIGHT = 3
+
 # -- backends ---------------------------------------------------------------------
 Backend = Literal["onnx", "tensorrt", "tflite", "edgetpu", "torch"]
 BACKENDS: tuple[str, ...] = ("onnx", "tensorrt", "tflite", "edgetpu", "torch")

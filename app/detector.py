@@ -29,7 +29,7 @@ import numpy as np
 from app.config import DetectorConfig
 from app.engines.base import Engine, ModelVariant, run_padded
 from app.errors import BadRequest, EdgebatchError, Overloaded, PayloadTooLarge, Unavailable
-from app.pipeline import Detection, Letterbox, Postprocessor, PostprocessSettings, prepare
+from app.pipeline import Detection, Letterbox, Postprocessor, PostprocessSettings, prepare, to_input
 
 log = logging.getLogger(__name__)
 
@@ -234,13 +234,15 @@ def _close_later(variants: Sequence[LoadedVariant]) -> None:
 
 
 # -- what crosses the batch handler ---------------------------------------------------------------
-RequestKind = Literal["encoded", "frame", "tensor"]
+RequestKind = Literal["encoded", "frame", "letterboxed", "tensor"]
+RAW_OUTPUT_KINDS = ("letterboxed", "tensor")  # their caller decodes the raw output row itself
 
 
 @dataclass(frozen=True)
 class DetectRequest:
     """One item of a batch: an encoded image (JPEG/PNG bytes), a decoded BGR uint8 frame (H, W, 3),
-    or a v2 input row (3, H, W) float32 that is already letterboxed and gets its raw output back."""
+    a BGR uint8 image already letterboxed to the model input (H, W, 3) (stream readers: a quarter
+    of the float bytes), or a v2 input row (3, H, W) float32; the last two get their raw output back."""
 
     kind: RequestKind
     data: bytes | np.ndarray
@@ -255,6 +257,10 @@ class DetectRequest:
     @classmethod
     def frame(cls, image: np.ndarray) -> DetectRequest:
         return cls("frame", image)
+
+    @classmethod
+    def letterboxed(cls, image: np.ndarray) -> DetectRequest:
+        return cls("letterboxed", image)
 
     @classmethod
     def tensor(cls, row: np.ndarray) -> DetectRequest:
@@ -329,7 +335,7 @@ class ItemResult:
 
 @dataclass
 class _Prepared:
-    """An item after pre-processing: its model input row, or why it has none."""
+    """An item after pre-processing: its letterboxed uint8 image (or a v2 float row), or why it has none."""
 
     tensor: np.ndarray | None
     letterbox: Letterbox | None
@@ -441,14 +447,14 @@ class Detector:
         good = [i for i, p in enumerate(prepared) if p.error is None]
         output, variant = None, None
         if good:
-            batch = np.ascontiguousarray(np.stack([prepared[i].tensor for i in good]), dtype=np.float32)
+            batch = model_input([prepared[i].tensor for i in good])  # type: ignore[misc]  # good rows have one
             output, lv = self.predict(batch)
             if output.shape[0] != len(good):
                 raise EdgebatchError(f"the engine returned {output.shape[0]} rows for a batch of {len(good)}; "
                                      "this is a server bug, please report it")
             variant = ServedVariant(self.model, self.version, lv.variant.backend, lv.batch_size)
         t_post = time.perf_counter()
-        boxed = [k for k, i in enumerate(good) if items[i].kind != "tensor"]
+        boxed = [k for k, i in enumerate(good) if items[i].kind not in RAW_OUTPUT_KINDS]
         dets = self.post.decode(output[boxed], [prepared[good[k]].letterbox for k in boxed]) if boxed else []
         t_end = time.perf_counter()
         queued = [_queued(it, t_start) for it in items]
@@ -463,12 +469,12 @@ class Detector:
                 results.append(ItemResult(None, None, p.error, StageTimings(queued[i], p.preprocess_s), summary))
                 continue
             k = row_of[i]
-            is_tensor = item.kind == "tensor"
+            raw = item.kind in RAW_OUTPUT_KINDS
             results.append(ItemResult(
-                detections=None if is_tensor else dets_by_row[k],
-                output=output[k] if is_tensor else None,  # type: ignore[index]  # good rows imply an output
+                detections=None if raw else dets_by_row[k],
+                output=output[k] if raw else None,  # type: ignore[index]  # good rows imply an output
                 error=None,
-                timings=StageTimings(queued[i], p.preprocess_s, summary.inference_s, 0.0 if is_tensor else post_share),
+                timings=StageTimings(queued[i], p.preprocess_s, summary.inference_s, 0.0 if raw else post_share),
                 batch=summary,
             ))
         check_batch_results(items, results)
@@ -494,13 +500,20 @@ class Detector:
             if row.shape != want:
                 raise BadRequest(f"input row has shape {list(row.shape)}; this model takes {list(want)}")
             return row.astype(np.float32, copy=False), None
+        if item.kind == "letterboxed":
+            image = np.asarray(item.data)
+            want = (*self.input_size, 3)
+            if image.shape != want or image.dtype != np.uint8:
+                raise BadRequest(f"letterboxed image is {image.dtype} {list(image.shape)}; this model takes "
+                                 f"uint8 {list(want)}")
+            return image, None
         if item.kind == "encoded" and len(item.data) > self.max_body_bytes:
             raise PayloadTooLarge(
                 f"body of {len(item.data)} bytes exceeds max_body_bytes={self.max_body_bytes}; "
                 "send a smaller image or raise max_body_bytes in the deployment's user_config"
             )
         prepared = prepare(item.data, self.input_size, max_pixels=self.max_image_pixels)
-        return prepared.tensor, prepared.letterbox
+        return prepared.image, prepared.letterbox
 
     def predict(self, batch: np.ndarray) -> tuple[np.ndarray, LoadedVariant]:
         """Run the batch; returns the output and the (largest) variant that ran it."""
@@ -522,6 +535,20 @@ class Detector:
             outs.append(lv.run(batch[start : start + lv.batch_size])[0])
             start += lv.batch_size
         return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)[: batch.shape[0]]
+
+
+def model_input(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """The engine's (N, 3, H, W) float32 batch: letterboxed uint8 images are normalised together in one
+    vectorised call; v2 float rows (already model input) are copied in at their places."""
+    images = [k for k, r in enumerate(rows) if r.dtype == np.uint8]
+    if len(images) == len(rows):
+        return to_input(rows)
+    floats = [k for k, r in enumerate(rows) if r.dtype != np.uint8]
+    batch = np.empty((len(rows), *rows[floats[0]].shape), dtype=np.float32)
+    batch[floats] = [rows[k] for k in floats]
+    if images:
+        batch[images] = to_input([rows[k] for k in images])
+    return batch
 
 
 def _queued(item: DetectRequest, t_start: float) -> float:

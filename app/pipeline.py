@@ -49,11 +49,19 @@ class Detection:
 
 @dataclass
 class PreparedImage:
-    """One request after pre-processing: the model input row plus what undoes the letterbox."""
+    """One request after pre-processing: the letterboxed uint8 image plus what undoes the letterbox.
 
-    tensor: np.ndarray  # (3, H, W) float32 RGB 0..1
+    It stays uint8 (a quarter of the float32 bytes) until the batch is formed: ``to_input`` then
+    normalises the whole batch in one vectorised call, wherever the batch is (replica or process)."""
+
+    image: np.ndarray  # (H, W, 3) BGR uint8 at the model input size
     letterbox: Letterbox
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tensor(self) -> np.ndarray:
+        """This image alone as a model input row (3, H, W) float32 RGB 0..1 (v2 clients, tests)."""
+        return to_input([self.image])[0]
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
@@ -78,8 +86,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.
     return img
 
 
-def letterbox(img: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, Letterbox]:
-    """Aspect-preserving resize into ``size`` (h, w), centred, padded with 114; BGR -> RGB CHW 0..1."""
+def letterbox_image(img: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, Letterbox]:
+    """Aspect-preserving resize into ``size`` (h, w), centred, padded with 114; stays BGR uint8 HWC."""
     h, w = img.shape[:2]
     th, tw = size
     scale = min(th / h, tw / w)
@@ -89,9 +97,19 @@ def letterbox(img: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, Lette
     canvas = np.full((th, tw, 3), PAD_VALUE, dtype=np.uint8)
     resized = img if (nh, nw) == (h, w) else cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
     canvas[top : top + nh, left : left + nw] = resized
-    # BGR->RGB, HWC->CHW, uint8->float32 0..1 in one pass
-    tensor = cv2.dnn.blobFromImage(canvas, scalefactor=1 / 255.0, swapRB=True)[0]
-    return tensor, Letterbox(scale=scale, pad_x=left, pad_y=top, orig_w=w, orig_h=h)
+    return canvas, Letterbox(scale=scale, pad_x=left, pad_y=top, orig_w=w, orig_h=h)
+
+
+def to_input(images: Sequence[np.ndarray]) -> np.ndarray:
+    """Letterboxed BGR uint8 images (H, W, 3) -> the model's (N, 3, H, W) float32 RGB 0..1 batch, in one
+    vectorised call (BGR->RGB, HWC->CHW, scale): the only place pixels become floats."""
+    return cv2.dnn.blobFromImages(list(images), scalefactor=1 / 255.0, swapRB=True)
+
+
+def letterbox(img: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, Letterbox]:
+    """``letterbox_image`` as one model input row (3, H, W) float32 RGB 0..1."""
+    canvas, lb = letterbox_image(img, size)
+    return to_input([canvas])[0], lb
 
 
 def prepare(data: bytes | np.ndarray, size: tuple[int, int],
@@ -100,13 +118,8 @@ def prepare(data: bytes | np.ndarray, size: tuple[int, int],
     img = decode_image(data, max_pixels) if isinstance(data, (bytes, bytearray, memoryview)) else data
     if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3:
         raise BadRequest("expected a colour image (H, W, 3)")
-    tensor, lb = letterbox(img, size)
-    return PreparedImage(tensor=tensor, letterbox=lb)
-
-
-def stack(items: Sequence[PreparedImage]) -> np.ndarray:
-    """Batch stage: rows into one contiguous NCHW float32 array."""
-    return np.ascontiguousarray(np.stack([it.tensor for it in items]), dtype=np.float32)
+    canvas, lb = letterbox_image(img, size)
+    return PreparedImage(image=canvas, letterbox=lb)
 
 
 def detect_layout(output: np.ndarray, n_classes: int | None = None) -> str:

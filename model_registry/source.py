@@ -77,11 +77,12 @@ class RegistryModelSource:
         return load
 
 
-def local_detector(config: DetectorConfig, state: StateDir | None = None):
-    """A Detector in this process, loading variants through the repository (bench, streams, tests)."""
+def local_detector(config: DetectorConfig, state: StateDir | None = None, spare_cores: int = 0):
+    """A Detector in this process, loading variants through the repository (bench, streams, tests);
+    ``spare_cores=1`` gives its engines the threads a serving replica's get."""
     from app.detector import Detector
 
-    source = RegistryModelSource(config, state or StateDir.default())
+    source = RegistryModelSource(config, state or StateDir.default(), spare_cores=spare_cores)
     model = source.resolve()
     detector = Detector(config, source.loader(model), labels=model.labels, input_size=model.input_size,
                         model=model.name, version=model.version)

@@ -81,6 +81,43 @@ def test_one_handler_serves_encoded_decoded_and_tensor_items_and_a_bad_item_fail
         bad.unwrap()
 
 
+def test_letterboxed_uint8_items_are_normalised_in_the_batch_exactly_as_float_rows(scenes):
+    """Stream readers send the letterboxed uint8 image (a quarter of the float bytes); the replica
+    normalises the batch in one call, and the engine sees what a per-row float tensor gives."""
+    from app.detector import DetectRequest, model_input
+    from app.pipeline import prepare
+
+    det = _demo_detector()
+    prepared = [prepare(jpeg, det.input_size) for _, jpeg, _ in scenes[:2]]
+    assert all(p.image.dtype == np.uint8 and p.image.shape == (320, 320, 3) for p in prepared)
+    rows = [p.tensor for p in prepared]
+    mixed = model_input([prepared[0].image, rows[1]])  # a v2 float row beside a uint8 image in one batch
+    assert mixed.dtype == np.float32 and mixed.shape == (2, 3, 320, 320)
+    assert np.array_equal(mixed, np.stack(rows)) and np.array_equal(model_input([p.image for p in prepared]), mixed)
+    items = [DetectRequest.letterboxed(p.image) for p in prepared] + [DetectRequest.tensor(r) for r in rows]
+    items += [DetectRequest.letterboxed(prepared[0].tensor), DetectRequest.letterboxed(np.zeros((8, 8, 3), np.uint8))]
+    results = det.handle_batch(items)
+    for k in range(2):
+        assert results[k].detections is None and np.allclose(results[k].output, results[k + 2].output, atol=1e-5)
+    assert isinstance(results[4].error, BadRequest) and "uint8 [320, 320, 3]" in results[4].error.message
+    assert isinstance(results[5].error, BadRequest)
+    boxes = det.post.decode(np.stack([results[0].output]), [prepared[0].letterbox])[0]
+    assert sorted(d.class_id for d in boxes) == sorted(t.class_id for t in scenes[0][2])
+
+
+def test_pipelined_bench_run_serves_every_batch_through_the_one_handler(scenes):
+    """`bench engine --pipelined` keeps two batches in flight through ``handle_batch``; every image counts once."""
+    from app.bench.engine import run_pipeline
+
+    det = _demo_detector()
+    calls: list[int] = []
+    handle = det.handle_batch
+    det.handle_batch = lambda items: (calls.append(len(items)), handle(items))[1]
+    run = run_pipeline(det, [jpeg for _, jpeg, _ in scenes], 2, batches=5, warmup=1, concurrency=2)
+    assert run.images == 10 and len(run.batch_latencies_s) == 5 and run.images_per_s > 0
+    assert calls == [2] * 7  # one warm-up batch per thread, then the five measured ones
+
+
 def test_body_limit_is_a_per_item_413(scenes):
     from app.detector import DetectRequest
 

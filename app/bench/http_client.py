@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing as mp
+import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,19 @@ def v2_body(tensor: np.ndarray, input_name: str = "images", output_name: str = "
         "Inference-Header-Content-Length": str(len(h)),
         "Content-Type": "application/octet-stream",
     }
+
+
+def v2_bytes_body(data: bytes, input_name: str = "image", output_name: str = "detections") -> tuple[bytes, dict[str, str]]:
+    """One encoded image as a v2 BYTES input of shape [1, 1] (binary extension: 4-byte length, then the
+    bytes): how a Triton model that does the whole job takes the JPEG that /v1/detect takes as its body."""
+    payload = struct.pack("<I", len(data)) + data
+    header = {
+        "inputs": [{"name": input_name, "shape": [1, 1], "datatype": "BYTES",
+                    "parameters": {"binary_data_size": len(payload)}}],
+        "outputs": [{"name": output_name, "parameters": {"binary_data": True}}],
+    }
+    h = json.dumps(header).encode()
+    return h + payload, {"Inference-Header-Content-Length": str(len(h)), "Content-Type": "application/octet-stream"}
 
 
 async def _run(url: str, bodies: Sequence[tuple[bytes, dict[str, str]]], clients: int, duration_s: float,

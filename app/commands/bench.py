@@ -28,6 +28,7 @@ EXTENSIONS = (
     ("app.commands.models", "add_bench_registry"),
     ("app.commands.bench_adapt", "add_bench_adapt"),
     ("app.commands.bench_pipeline", "add_bench_pipeline"),
+    ("app.commands.bench_streams", "add_bench_streams"),
     ("app.commands.bench_sweep", "add_bench_sweep"),
     ("app.commands.bench_loading", "add_bench_loading"),
     ("app.commands.bench_overload", "add_bench_overload"),
@@ -35,7 +36,7 @@ EXTENSIONS = (
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="benchmarks: engine, http, registry, adapt, pipeline, sweep, loading, overload")
+    bench = sub.add_parser("bench", help="benchmarks: engine, http, registry, adapt, pipeline, streams, sweep, loading, overload")
     bsub = bench.add_subparsers(dest="bench", metavar="BENCH")
     bsub.required = True
     for module_name, fn in EXTENSIONS:

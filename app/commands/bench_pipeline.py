@@ -58,9 +58,7 @@ def _frames(video: Path, n: int) -> tuple[list, float]:
 
 
 def delay_table(video: Path, sizes: list[int], fps: float, repeats: int, threads: int | None) -> list[dict]:
-    import numpy as np
-
-    from app.pipeline import prepare
+    from app.pipeline import prepare, to_input
     from app.streams.pipeline import demo_engine_stage
 
     stage, post, size = demo_engine_stage(max(sizes), threads)
@@ -72,7 +70,7 @@ def delay_table(video: Path, sizes: list[int], fps: float, repeats: int, threads
             t0 = time.perf_counter()
             items = [prepare(frames[i], size) for i in range(n)]
             t1 = time.perf_counter()
-            out = stage.run_batch(np.ascontiguousarray(np.stack([it.tensor for it in items])))
+            out = stage.run_batch(to_input([it.image for it in items]))  # normalised as one batch
             t2 = time.perf_counter()
             post.decode(out, [it.letterbox for it in items])
             t3 = time.perf_counter()

@@ -27,7 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from app.errors import BadRequest, NotFound, one_line
-from app.pipeline import Letterbox, Postprocessor, PostprocessSettings, prepare
+from app.pipeline import Letterbox, Postprocessor, PostprocessSettings, prepare, to_input
 from app.streams.reader import (
     BEHIND_POLICIES,
     Backoff,
@@ -58,7 +58,8 @@ class EngineOutput:
 
 
 class EngineStage(Protocol):
-    """Batched inference behind the pipeline: ``submit`` must not wait for the result."""
+    """Batched inference behind the pipeline: ``submit`` takes letterboxed uint8 images and must not
+    wait for the result."""
 
     max_local_batch: int
 
@@ -77,7 +78,7 @@ class LocalEngineStage:
 
     def submit(self, rows: list[np.ndarray]) -> Callable[[], EngineOutput]:
         t0 = time.perf_counter()
-        out = self.run_batch(np.ascontiguousarray(np.stack(rows), dtype=np.float32))
+        out = self.run_batch(to_input(rows))  # the batch is normalised here, in one call
         dt = time.perf_counter() - t0
         result = EngineOutput([out[i] for i in range(len(rows))], dt, [len(rows)] * len(rows))
         return lambda: result
@@ -108,7 +109,7 @@ class StreamOptions:
 class _Work:
     frame: Frame
     letterbox: Letterbox | None
-    tensor: np.ndarray | None
+    tensor: np.ndarray | None  # the letterboxed BGR uint8 image: floats only once the batch is formed
     pre_s: float
     error: str | None = None
 
@@ -157,7 +158,12 @@ class StreamPipeline:
         preprocess_workers: int = 1,
         stage_bound: int = 32,
         max_in_flight: int = 4,
+        max_taken: int | None = None,
     ) -> None:
+        """``max_taken``: at most this many frames taken from the streams' queues and not yet delivered.
+        Pre-processing then takes a frame only when one has left, so a frame never ages in a hand-off
+        that cannot drop it: behind a slow detector, frames wait (and ``drop_oldest`` drops them) in
+        their stream's queue, and the lag stays bounded (the Ray readers use this)."""
         self.engine = engine
         self.input_size = input_size
         self.post = post
@@ -165,6 +171,7 @@ class StreamPipeline:
         self.mux = FrameMux()
         self._pre_q: queue.Queue[_Work] = queue.Queue(stage_bound)
         self._flight_q: queue.Queue[tuple[list[_Work], Callable[[], EngineOutput]]] = queue.Queue(max_in_flight)
+        self._taken = threading.BoundedSemaphore(max_taken) if max_taken else None
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -303,13 +310,16 @@ class StreamPipeline:
     # -- stages --------------------------------------------------------------
     def _preprocess_loop(self) -> None:
         while not self._stop.is_set():
+            if self._taken is not None and not self._taken.acquire(timeout=POLL_S):
+                continue
             frame = self.mux.get(POLL_S)
             if frame is None:
+                self._give_back(1)
                 continue
             t0 = time.perf_counter()
             try:
                 item = prepare(frame.image, self.input_size)
-                work = _Work(frame, item.letterbox, item.tensor, time.perf_counter() - t0)
+                work = _Work(frame, item.letterbox, item.image, time.perf_counter() - t0)
             except Exception as exc:  # one bad frame fails itself, not the stream
                 work = _Work(frame, None, None, time.perf_counter() - t0, error=f"pre-processing failed: {exc}")
             with self._lock:
@@ -317,6 +327,12 @@ class StreamPipeline:
             if s is None or not s.needs_image:
                 frame.image = None  # type: ignore[assignment]  # free the decoded frame early
             self._put(self._pre_q, work)
+
+    def _give_back(self, frames: int) -> None:
+        """Frames delivered (or never taken): room for pre-processing to take as many again."""
+        if self._taken is not None:
+            for _ in range(frames):
+                self._taken.release()
 
     def _put(self, q: queue.Queue, item) -> bool:
         while not self._stop.is_set():
@@ -379,15 +395,18 @@ class StreamPipeline:
                 frames_by_stream=Counter(w.frame.stream_id for w in batch),
             )
             now = time.time()
-            for w in batch:
-                r = FrameResult(
-                    stream_id=w.frame.stream_id, seq=w.frame.seq, frame_index=w.frame.index,
-                    capture_ts=w.frame.capture_ts, detections=dets_by_id.get(id(w), []),
-                    error=w.error or error, batch_size=sizes.get(id(w), n_batch), delivered_ts=now,
-                    timings={"preprocess_s": w.pre_s, "inference_s": out.inference_s, "postprocess_s": post_s / len(batch)},
-                    image=w.frame.image,
-                )
-                self._deliver(r, timing)
+            try:
+                for w in batch:
+                    r = FrameResult(
+                        stream_id=w.frame.stream_id, seq=w.frame.seq, frame_index=w.frame.index,
+                        capture_ts=w.frame.capture_ts, detections=dets_by_id.get(id(w), []),
+                        error=w.error or error, batch_size=sizes.get(id(w), n_batch), delivered_ts=now,
+                        timings={"preprocess_s": w.pre_s, "inference_s": out.inference_s, "postprocess_s": post_s / len(batch)},
+                        image=w.frame.image,
+                    )
+                    self._deliver(r, timing)
+            finally:
+                self._give_back(len(batch))
 
     def _deliver(self, r: FrameResult, timing: BatchTiming) -> None:
         with self._lock:
