@@ -627,3 +627,25 @@ def test_round_trip_random_tensors(
             )
         else:
             assert_same(got, arr)
+
+
+def test_the_bench_sends_a_jpeg_to_the_full_job_peer_as_tritons_own_client_would():
+    """`bench http --peer-url` wraps each JPEG as a v2 BYTES input [1, 1]: byte for byte what
+    tritonclient builds for the same tensor, so Triton's full-job model gets the same image."""
+    from tritonclient.utils import deserialize_bytes_tensor
+
+    from app.bench.http_client import v2_bytes_body
+
+    jpeg = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 3
+    body, headers = v2_bytes_body(jpeg)
+    n = int(headers["Inference-Header-Content-Length"])
+    header = json.loads(body[:n])
+    assert header["inputs"][0] == {"name": "image", "shape": [1, 1], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": len(body) - n}}
+    assert list(deserialize_bytes_tensor(body[n:])) == [jpeg]
+    tensor = httpclient.InferInput("image", [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[jpeg]], dtype=np.object_), binary_data=True)
+    theirs, json_size = _get_inference_request(
+        inputs=[tensor], request_id="", outputs=[httpclient.InferRequestedOutput("detections", binary_data=True)],
+        sequence_id=0, sequence_start=False, sequence_end=False, priority=0, timeout=None, custom_parameters=None)
+    assert theirs[json_size:] == body[n:]
