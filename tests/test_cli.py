@@ -60,12 +60,15 @@ def test_bad_batch_sizes_name_the_fix(capsys):
     assert "--batch-sizes" in err and "1,2,4,8,16" in err
 
 
-def test_peer_comparison_needs_v2(capsys, monkeypatch, tmp_path):
+@pytest.mark.parametrize("argv, fix", [
+    (["bench", "http", "--external", "--no-bare", "--url", "http://127.0.0.1:9", "--peer-url", "http://127.0.0.1:9",
+      "--clients", "8,many"], "8,32"),
+    (["bench", "streams", "--url", "http://127.0.0.1:9", "--seconds", "1"], "--seconds > 1"),
+])
+def test_bad_bench_options_name_the_fix_before_any_load(argv, fix, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("EDGEBATCH_HOME", str(tmp_path))
-    rc = main(["bench", "http", "--external", "--no-bare", "--url", "http://127.0.0.1:9", "--peer-url",
-               "http://127.0.0.1:9", "--batch-sizes", "8"])
-    assert rc == 2
-    assert "--protocol v2" in capsys.readouterr().err
+    assert main(argv) == 2
+    assert fix in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["models", "show", "../etc"], ["models", "show", "no/such/model/x"]])
