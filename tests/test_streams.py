@@ -223,8 +223,8 @@ def test_reader_sends_uint8_frames_and_drop_oldest_keeps_the_lag_bounded_behind_
                for it in handle.items)
     # the oldest of queue_bound frames, then the frames taken before it, each one detector time
     # (measured: on a loaded machine the fake detector's 50 ms grow), plus scheduling slack
-    per_frame = float(np.percentile(handle.service_s, 95))
-    bound = 4 / 30 + (READER_FRAMES_IN_FLIGHT + 1) * per_frame + 0.15
+    per_frame = float(np.percentile(handle.service_s, 99))
+    bound = 4 / 30 + (READER_FRAMES_IN_FLIGHT + 1) * per_frame + 0.25
     late = lags[len(lags) // 2:]
     assert max(late) < bound, (max(late), bound, per_frame)
     assert np.mean(late) <= np.mean(lags[10:len(lags) // 2]) + 0.1  # not growing
