@@ -18,7 +18,7 @@ from pathlib import Path
 from app.errors import Unavailable
 from app.instance import InstancePorts, InstanceRecord, ensure_ray_token, ray_auth_env
 from app.state import StateDir
-from deployments.config_file import DIRECT_INGRESS_ENV, PROJECT_ROOT, SERVE_HOT_PATH_ENV
+from deployments.config_file import PROJECT_ROOT
 
 NO_INSTANCE = ("no edgebatch instance is recorded in {root}; start one with `edgebatch up` "
                "(or set RAY_ADDRESS to join a cluster, or EDGEBATCH_HOME to pick another instance's state folder)")
@@ -107,9 +107,9 @@ def start_local_head(state: StateDir, ports: InstancePorts, *, num_cpus: int | N
     env = dict(os.environ)
     env.update(ray_auth_env(state))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [PROJECT_ROOT, env.get("PYTHONPATH")]))
-    for key, value in SERVE_HOT_PATH_ENV.items():  # the proxy starts with the head's env (a user's value wins)
-        env.setdefault(key, value)
     if direct_ingress:
+        from deployments.config_file import DIRECT_INGRESS_ENV
+
         env[DIRECT_INGRESS_ENV] = "1"  # read by Serve's controller and replicas at import
     address = f"127.0.0.1:{ports.gcs}"
     try:

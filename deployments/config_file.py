@@ -74,18 +74,11 @@ def check_structure(config: Any, path: object = "the Serve config") -> None:
                 _expect(dep["user_config"], dict, f"applications[{i}] ({name}).deployments[{j}].user_config", path)
 
 
-#: Ray Serve's request path on one event loop per process: the user code and the router run on the
-#: replica's (and the proxy's, and a stream reader's handle's) own loop instead of a second thread,
-#: which on 2 cores costs a thread hand-off per request (field notes: about 8% more requests/s).
-#: Set in every replica's env and where `up` starts the head, so the proxy gets them too.
-SERVE_HOT_PATH_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
-
-
 def instance_env(state: StateDir, direct_ingress: bool = False) -> dict[str, str]:
     """Environment every replica of this instance gets, whatever node it runs on."""
     env = {
         "EDGEBATCH_HOME": str(state.root),
-        **SERVE_HOT_PATH_ENV,
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "PYTHONPATH": PROJECT_ROOT,

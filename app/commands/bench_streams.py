@@ -23,7 +23,8 @@ from app.commands.bench import common
 from app.errors import ConfigError, EdgebatchError
 
 COLUMNS = [("where", "where"), ("streams", "k"), ("fps_target", "target fps"), ("fps_out", "fps out"),
-           ("drops", "drops"), ("lag_p50_s", "lag p50 s"), ("lag_max_s", "lag max s"), ("lag_bound_s", "lag bound s"),
+           ("drops", "drops"), ("errors", "failed frames"),
+           ("lag_p50_s", "lag p50 s"), ("lag_max_s", "lag max s"), ("lag_bound_s", "lag bound s"),
            ("mean_batch", "mean batch"), ("sustained", "sustained")]
 
 
@@ -57,11 +58,12 @@ def _sample(base: str, headers: dict[str, str], ids: list[str], fps: float, warm
     span = time.monotonic() - t0
     out = sum(last[i]["frames_out"] - first[i]["frames_out"] for i in ids)
     drops = sum(last[i]["drops"] - first[i]["drops"] for i in ids)
+    errors = sum(last[i]["errors"] - first[i]["errors"] for i in ids)  # delivered, but without detections
     d_batch = [s["d_batch_s"] for s in last.values() if s.get("d_batch_s") is not None]
     batches = [s["batch_size"] for s in last.values() if s.get("batch_size") is not None]
     failed = [f"{i}: {s.get('state')} {s.get('reason') or ''}".strip() for i, s in last.items()
               if s.get("state") in ("failed", "finished", "stopped")]
-    return {"fps_out": round(out / span, 1), "drops": drops,
+    return {"fps_out": round((out - errors) / span, 1), "drops": drops, "errors": errors,
             "lag_p50_s": round(statistics.median(lags), 3) if lags else None,
             "lag_max_s": round(max(lags), 3) if lags else None,
             "d_batch_s": round(max(d_batch), 4) if d_batch else None,
@@ -87,7 +89,7 @@ def service_run(base: str, headers: dict[str, str], k: int, args: argparse.Names
         for i in ids:
             _call("DELETE", f"{base}/{i}", headers=headers)
     row["lag_bound_s"] = round(args.queue_bound / args.fps + (row.get("d_batch_s") or 0.0), 3)
-    row["sustained"] = row["fps_out"] >= 0.9 * k * args.fps and not row["ended"]
+    row["sustained"] = row["fps_out"] >= 0.9 * k * args.fps and not row["ended"] and not row["errors"]
     return row
 
 
