@@ -33,6 +33,10 @@ STREAMS_DEPLOYMENT = "StreamsIngress"
 #: its own queue instead of ageing in hand-offs.
 READER_FRAMES_IN_FLIGHT = 3
 
+# -- the console's live stream preview (one frame per stream, encoded only when asked) ------
+PREVIEW_MAX_WIDTH = 640  # pixels: the preview is scaled down to this width
+PREVIEW_JPEG_QUALITY = 70
+
 # -- backends ---------------------------------------------------------------------
 Backend = Literal["onnx", "tensorrt", "tflite", "edgetpu", "torch"]
 BACKENDS: tuple[str, ...] = ("onnx", "tensorrt", "tflite", "edgetpu", "torch")

@@ -562,6 +562,8 @@ class ControlLoop:
 # ---------------------------------------------------------------------------- Ray Serve side
 from ray import serve  # noqa: E402  (the pure part above is importable and testable on its own)
 
+from deployments.controller_http import ControllerRoutes, api  # noqa: E402  (GET /v1/batch, the operator's PUT/DELETE)
+
 
 class _HandleClient:
     """A detector deployment reached through its Serve handle."""
@@ -586,7 +588,8 @@ def _node_samples() -> dict[str, Any]:
 
 
 @serve.deployment(name=DEPLOYMENT_NAME, num_replicas=1, max_ongoing_requests=16, ray_actor_options={"num_cpus": 0})
-class BatchController:
+@serve.ingress(api)
+class BatchController(ControllerRoutes):
     """One controller for every detector of the cluster; its loop runs inside the replica."""
 
     def __init__(self) -> None:
@@ -704,11 +707,7 @@ class BatchController:
                 return {**self._loop.status(), "error": str(exc)}
         return self._loop.status()
 
-    async def __call__(self, request: Any) -> dict[str, Any]:
-        """GET /v1/batch: the same status as JSON (read-only; changes go through `edgebatch batch`)."""
-        return await self.status()
-
 
 def build_app(args: dict[str, Any] | None = None):
-    """The ``edgebatch-controller`` application (no HTTP route: operators use `edgebatch batch`)."""
+    """The ``edgebatch-controller`` application at /v1/batch (deployments/controller_http.py)."""
     return BatchController.bind()

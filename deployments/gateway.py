@@ -31,12 +31,18 @@ from app.oip import ModelSignature, encode_infer_response, model_metadata, serve
 from app.overload import QueueState, admit, request_budget_s
 from app.security.auth import TokenCheck
 from app.state import StateDir
+from deployments.console import ConsoleRoutes, ConsoleState
+from deployments.console import router as console_router
 from deployments.decoding import V2BodyDecoder
 from deployments.detector import IngressSettings
 from deployments.http import as_edgebatch_error, error_responses, install_error_handlers, read_inference_body
+from deployments.registry_http import RegistryRoutes
+from deployments.registry_http import router as registry_router
 
 api = FastAPI(title="edgebatch", description="Batched object detection on Ray Serve")
 install_error_handlers(api)
+api.include_router(registry_router)  # /v1/registry: models, versions, variants; promote (token)
+api.include_router(console_router)  # /ui: the operator's console (docs/console.md)
 
 #: how long what the gateway reads from the detector (settings, v2 signature) is reused
 SETTINGS_TTL_S = 1.0
@@ -92,12 +98,14 @@ class _Cached:
 
 @serve.deployment(name=GATEWAY_DEPLOYMENT, max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
-class DetectorGateway:
-    """HTTP in, ``detect`` items out to the ``Detector`` deployment; replies and refusals in JSON."""
+class DetectorGateway(RegistryRoutes, ConsoleRoutes):
+    """HTTP in, ``detect`` items out to the ``Detector`` deployment; replies and refusals in JSON; the
+    registry routes and the operator's console (/ui)."""
 
     def __init__(self, detector: Any) -> None:
         self._detector = detector
         self._token = TokenCheck(StateDir.default())
+        self._console = ConsoleState()
         self._v2_decoder = V2BodyDecoder(ThreadPoolExecutor(max_workers=2, thread_name_prefix="edgebatch-decode"))
         self._settings, self._signature_cache = _Cached(), _Cached()
         self.counters = {"replica_lost": 0, "retried": 0, "overloaded": 0, "refused_here": 0}

@@ -15,8 +15,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
 
-from app.errors import EdgebatchError, PayloadTooLarge
+from app.errors import BadRequest, EdgebatchError, PayloadTooLarge
 from app.security.auth import TokenCheck
 
 log = logging.getLogger("ray.serve")
@@ -57,6 +58,19 @@ def require_token_for_writes(check: TokenCheck) -> Callable[[Request], Any]:
             check.require(request.headers, f"{request.method} {request.url.path}")
 
     return dependency
+
+
+class CollectionPath:
+    """ASGI middleware: an app's route prefix itself (``/v1/streams``) is routed as ``/v1/streams/`` instead
+    of answering a 307 redirect, so ``POST /v1/streams`` works for clients that do not follow redirects."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") == "http" and scope.get("root_path") and scope.get("path") == scope["root_path"]:
+            scope = {**scope, "path": scope["path"] + "/", "raw_path": (scope["path"] + "/").encode()}
+        await self.app(scope, receive, send)
 
 
 class _InternalErrors:
@@ -123,3 +137,17 @@ async def read_body(request: Request, limit: int, setting: str = "max_body_bytes
             raise PayloadTooLarge(f"body exceeds {setting} ({limit} bytes)")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+JSON_BODY_LIMIT = 64 * 1024  # an operator's request (a batch size, a policy, an alias): small
+
+
+async def read_json_model(request: Request, model: type[BaseModel], example: str) -> Any:
+    """A small JSON body validated by ``model``; a 400 naming each bad field (FastAPI's own 422 lists
+    would not be ``{"error": ...}``), or saying what the body should look like."""
+    raw = await read_body(request, JSON_BODY_LIMIT, "the JSON body limit")
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        problems = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()]
+        raise BadRequest(f"invalid request body ({'; '.join(problems)}); send JSON like {example}") from None

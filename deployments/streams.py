@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import ray
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve import Application
@@ -49,7 +49,13 @@ from app.streams.records import (
     resumed_totals,
 )
 from app.streams.source import SourceSpec
-from deployments.http import as_edgebatch_error, error_responses, install_error_handlers, require_token_for_writes
+from deployments.http import (
+    CollectionPath,
+    as_edgebatch_error,
+    error_responses,
+    install_error_handlers,
+    require_token_for_writes,
+)
 
 log = logging.getLogger("ray.serve")
 
@@ -61,20 +67,7 @@ api = FastAPI(title="edgebatch streams", description="Real-time video analytics 
 install_error_handlers(api)
 
 
-class _CollectionPath:
-    """ASGI middleware: ``/v1/streams`` (the route prefix itself) is routed as ``/v1/streams/`` instead of
-    answering a 307 redirect, so ``POST /v1/streams`` works for clients that do not follow redirects."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope.get("type") == "http" and scope.get("root_path") and scope.get("path") == scope["root_path"]:
-            scope = {**scope, "path": scope["path"] + "/", "raw_path": (scope["path"] + "/").encode()}
-        await self.app(scope, receive, send)
-
-
-api.add_middleware(_CollectionPath)
+api.add_middleware(CollectionPath)
 
 
 def actor_name(stream_id: str) -> str:
@@ -192,6 +185,7 @@ class StreamReaderActor:
         handle = serve.get_deployment_handle(DETECTOR_DEPLOYMENT, app_name=detector_app)
         self.pipeline = reader_pipeline(handle, detector_info)
         self.results = None
+        self.latest = None
         self.records = GcsRecords(RECORD_PREFIX)
         self.before = ReaderProgress()  # totals of the incarnations before this one
         self._stopped = threading.Event()
@@ -227,7 +221,7 @@ class StreamReaderActor:
         from app.state import StateDir
         from app.streams.pipeline import StreamOptions
         from app.streams.reader import Backoff
-        from app.streams.sinks import AnnotatedVideoSink, JsonlSink, ResultLog
+        from app.streams.sinks import AnnotatedVideoSink, JsonlSink, LatestFrame, ResultLog
 
         sinks: list[Any] = []
         resumed = resume_from is not None
@@ -246,9 +240,10 @@ class StreamReaderActor:
                 start_frame=resume_from or 0,
             )
             self.results = ResultLog(1024)
+            self.latest = LatestFrame()
 
             def open_sinks() -> list[Any]:  # after the probe: a refused source creates no file
-                sinks.append(self.results)
+                sinks.extend((self.results, self.latest))
                 if jsonl is not None or video is not None:
                     outputs.ensure()
                 if jsonl is not None:
@@ -293,6 +288,10 @@ class StreamReaderActor:
             status["totals"] = resumed_totals(self.before, status)
         status["interruptions"] = list(self.before.restarts)
         return status
+
+    def preview(self) -> bytes | None:
+        """The latest annotated frame as JPEG (the console's live preview); None before the first frame."""
+        return self.latest.jpeg() if self.latest is not None else None
 
     def events(self, cursor: int, timeout_s: float = 1.0) -> dict[str, Any]:
         assert self.results is not None
@@ -533,6 +532,20 @@ class StreamsIngress:
         self.streams.pop(stream_id, None)
         self.requests.pop(stream_id, None)
         return JSONResponse({"deleted": stream_id, "final": final})
+
+    @api.get("/{stream_id}/preview.jpg", responses={200: {"content": {"image/jpeg": {}}}, **error_responses(404, 503)})
+    async def preview(self, stream_id: str) -> Response:
+        """The stream's latest frame with its boxes drawn (JPEG, at most PREVIEW_MAX_WIDTH wide): poll it for
+        a live view; encoded only when asked."""
+        await self._ready()
+        actor = self._actor(stream_id)
+        try:
+            data = None if actor is None else await asyncio.wait_for(actor.preview.remote(), timeout=15)
+        except Exception as exc:
+            raise Unavailable(f"the reader of stream {stream_id} did not answer: {type(exc).__name__}") from None
+        if data is None:
+            raise NotFound(f"stream {stream_id} has no frame yet; retry once it delivers (GET /v1/streams/{stream_id})")
+        return Response(content=data, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
     @api.get("/{stream_id}/events")
     async def events(self, stream_id: str, cursor: int = 0) -> Any:

@@ -177,6 +177,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"serving {det.get('model')} v{det.get('version')} at {base}  (max batch {det.get('max_batch_size')}, "
           f"variants loaded {list(det.get('loaded_variants', {}))}) in {time.perf_counter() - t0:.1f} s")
     print(f"try: curl -s -X POST --data-binary @image.jpg -H 'Content-Type: image/jpeg' {base}/v1/detect")
+    print(f"console: {base}/ui  (nodes, placements, detectors, streams, registry; docs/console.md)")
     print(token_note)
     for url in direct_ingress_urls(DETECTOR_APP):
         print(f"direct ingress (no proxy hop): {url}/v1/detect")

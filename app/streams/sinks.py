@@ -224,6 +224,56 @@ class AnnotatedVideoSink:
         return self._closed
 
 
+class LatestFrame:
+    """The stream's newest frame with its boxes, for the console's live preview. It holds one frame
+    (a reference, never a backlog) and draws and encodes a JPEG only when someone asks for it, at most
+    once per frame, scaled to ``PREVIEW_MAX_WIDTH``: an unwatched stream pays nothing but keeping its
+    frames until post-processing (as ``video_out`` does)."""
+
+    needs_image = True
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._frame: tuple[int, np.ndarray, list[Detection]] | None = None
+        self._encoded: tuple[int, bytes] | None = None
+
+    def write(self, result: FrameResult) -> None:
+        if result.image is not None:
+            with self._lock:
+                self._frame = (result.seq, result.image, list(result.detections))
+
+    def jpeg(self) -> bytes | None:
+        """The latest annotated frame as JPEG bytes; None before the first frame."""
+        import cv2
+
+        from app.constants import PREVIEW_JPEG_QUALITY, PREVIEW_MAX_WIDTH
+
+        with self._lock:
+            frame, encoded = self._frame, self._encoded
+        if frame is None:
+            return encoded[1] if encoded else None
+        if encoded is not None and encoded[0] == frame[0]:
+            return encoded[1]
+        seq, image, detections = frame
+        drawn = draw_detections(image, detections)
+        if drawn.shape[1] > PREVIEW_MAX_WIDTH:
+            scale = PREVIEW_MAX_WIDTH / drawn.shape[1]
+            drawn = cv2.resize(drawn, (PREVIEW_MAX_WIDTH, max(1, round(drawn.shape[0] * scale))), interpolation=cv2.INTER_AREA)
+        ok, buf = cv2.imencode(".jpg", drawn, [cv2.IMWRITE_JPEG_QUALITY, PREVIEW_JPEG_QUALITY])
+        if not ok:
+            return None
+        data = buf.tobytes()
+        with self._lock:
+            self._encoded = (seq, data)
+        return data
+
+    def close(self) -> None:
+        """Keep the last JPEG (a finished stream still shows its last frame) and drop the raw frame."""
+        self.jpeg()
+        with self._lock:
+            self._frame = None
+
+
 class ResultLog:
     """The last ``capacity`` results as JSON, numbered from 0, for followers that poll with a cursor
     (the Ray reader actor serves SSE this way: the ingress asks for everything after its cursor)."""
