@@ -10,6 +10,7 @@ token, a bad value) show the server's own message. It saves the screenshots in d
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 
@@ -47,8 +48,10 @@ def test_placements_name_the_missing_resource_and_a_lost_node():
 
     details = {"applications": {"tenancy": {"route_prefix": None, "deployments": {
         "det__gpu": {"status": "UPDATING", "message": "Deployment is taking long to start.\nmore", "target_num_replicas": 2,
-                     "deployment_config": {"user_config": {"model": "det", "backend": "tensorrt", "engine_instances": 2},
-                                           "ray_actor_options": {"num_gpus": 0.5, "resources": {"gpu_node": 0.001}}},
+                     "deployment_config": {"user_config": {"model": "det", "backend": "tensorrt", "engine_instances": 2,
+                                                           "tracking_uri": "http://user:secret@mlflow:5000"},
+                                           "ray_actor_options": {"num_gpus": 0.5, "resources": {"gpu_node": 0.001},
+                                                                 "runtime_env": {"env_vars": {"EDGEBATCH_API_TOKEN": "secret"}}}},
                      "replicas": [{"replica_id": "r1", "state": "RUNNING", "node_id": "n-gone", "pid": 7},
                                   {"replica_id": "r2", "state": "PENDING_ALLOCATION", "node_id": None}]}}}}}
     pending = {"tenancy": {"det__gpu": "no alive node offers resource gpu_node for model det placement gpu"}}
@@ -60,6 +63,7 @@ def test_placements_name_the_missing_resource_and_a_lost_node():
     assert "no alive node offers resource gpu_node" in row["problems"][0]
     assert "node that is gone: 10.0.0.9" in row["problems"][1]
     assert row["problems"][2] == "Deployment is taking long to start."
+    assert "secret" not in json.dumps(row)  # only named fields leave the Serve config (no env, no URIs)
 
 
 def test_detector_view_has_the_real_time_criterion_of_the_window():
@@ -95,6 +99,33 @@ def test_the_preview_holds_one_frame_and_encodes_it_once_when_asked():
     assert decoded.shape[1] == PREVIEW_MAX_WIDTH and int(decoded[300, 600, 0]) in range(70, 90)  # frame 2 (value 80)
     latest.close()
     assert latest.jpeg() == first  # a finished stream keeps showing its last frame
+
+
+def test_console_reads_are_shared_for_a_second_and_a_failed_one_is_retried():
+    import asyncio
+
+    from deployments.console import SharedReads
+
+    calls = []
+
+    async def read():
+        calls.append(1)
+        await asyncio.sleep(0.01)
+        if len(calls) == 2:
+            raise RuntimeError("busy")
+        return len(calls)
+
+    async def scenario():
+        reads = SharedReads(ttl_s=60)
+        assert await asyncio.gather(*(reads.get("k", read) for _ in range(5))) == [1] * 5  # one read for all
+        reads.ttl_s = 0
+        with pytest.raises(RuntimeError):
+            await reads.get("k", read)
+        reads.ttl_s = 60
+        assert await reads.get("k", read) == 3  # the failure is not kept
+
+    asyncio.run(scenario())
+    assert len(calls) == 3
 
 
 # -- the pages in a real browser ---------------------------------------------------------------------
@@ -170,6 +201,7 @@ def _shot(driver, name: str) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_console_shows_the_instance_and_its_actions_take_effect(browser, console, demo_repo):
     import ray
     from selenium.webdriver.common.by import By
@@ -262,6 +294,8 @@ def test_console_shows_the_instance_and_its_actions_take_effect(browser, console
     assert httpx.get(f"{base}/v1/info", timeout=30).json()["max_batch_size"] == target
     wait_for(lambda: httpx.get(f"{base}/v1/batch", timeout=30).json()["detectors"][info["model"]]["pin"], 30, "the pin")
     _until(d, lambda d: f"pinned at {target}" in _text(d, det), "the pin on the card")
+    _until(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, f"{det} .chart polyline")) >= 4, "the detector's charts")
+    _shot(d, "detectors")
     # a bad value: the server's validation message
     d.find_element(By.ID, "policy-fps").send_keys("-5")
     Select(d.find_element(By.ID, "policy-select")).select_by_value("throughput_aware")
@@ -275,8 +309,7 @@ def test_console_shows_the_instance_and_its_actions_take_effect(browser, console
     _until(d, lambda d: "released; policy manual" in _text(d, "#batch-message"), "the release")
     control = httpx.get(f"{base}/v1/batch", timeout=30).json()["detectors"][info["model"]]
     assert control["policy"] == "manual" and control["pin"] is None
-    _until(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, f"{det} .chart polyline")) >= 4, "the detector's charts")
-    _shot(d, "detectors")
+    _until(d, lambda d: "[manual]" in _text(d, det), "the release on the card")
 
     # 2. placements: the detector deployment on this node, its replicas and engine instances
     _tab(d, "placements")

@@ -68,7 +68,7 @@ def placement_views(details: dict[str, Any], pending: dict[str, dict[str, str]],
             replicas = []
             for r in dep.get("replicas") or []:
                 node = str(r.get("node_id") or "")
-                replicas.append({"replica_id": r.get("replica_id"), "state": str(getattr(r.get("state"), "value", r.get("state"))), "node_id": node or None,
+                replicas.append({"replica_id": r.get("replica_id"), "state": _text(r.get("state")), "node_id": node or None,
                                  "node": names.get(node), "node_alive": (node in alive) if node else None,
                                  "pid": r.get("pid")})
             reasons = []
@@ -78,7 +78,7 @@ def placement_views(details: dict[str, Any], pending: dict[str, dict[str, str]],
             if lost:
                 reasons.append(f"{len(lost)} replica(s) were on a node that is gone: "
                                + ", ".join(sorted({r['node'] or r['node_id'] for r in lost})))
-            status = str(getattr(dep.get("status"), "value", dep.get("status")) or "")  # an enum from Serve
+            status = _text(dep.get("status"))
             if status not in ("HEALTHY", "RUNNING") and dep.get("message"):
                 reasons.append(str(dep["message"]).splitlines()[0][:300])
             running = sum(1 for r in replicas if r["state"] == "RUNNING")
@@ -93,6 +93,11 @@ def placement_views(details: dict[str, Any], pending: dict[str, dict[str, str]],
                 "replicas": replicas, "problems": reasons,
             })
     return out
+
+
+def _text(value: Any) -> str:
+    """Serve's details hold enums (``DeploymentStatus.HEALTHY``): their value."""
+    return str(getattr(value, "value", value) or "")
 
 
 def _resources(options: dict[str, Any]) -> dict[str, float]:

@@ -13,6 +13,7 @@ function svgEl(tag, attrs) {
 function fmtNum(v) {
   if (v === null || v === undefined || !isFinite(v)) return "-";
   const a = Math.abs(v);
+  if (a === 0) return "0";
   if (a >= 1000) return v.toFixed(0);
   if (a >= 10) return v.toFixed(1);
   if (a >= 1) return v.toFixed(2);

@@ -44,6 +44,10 @@ function bytes(n) {
   while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
   return (i ? n.toFixed(1) : n.toFixed(0)) + " " + units[i];
 }
+function counts(obj, unit) {
+  const parts = Object.entries(obj || {}).map(([k, v]) => k + unit + " \u00d7" + v);
+  return parts.length ? parts.join(", ") : "-";
+}
 function clock(at) { return at ? new Date(at * 1000).toLocaleTimeString() : "-"; }
 function ms(s) { return s === null || s === undefined ? "-" : (s * 1000).toFixed(1) + " ms"; }
 
@@ -237,12 +241,14 @@ function renderDetectors(detectors) {
     const margin = w.margin_s === null ? "-" : ms(w.margin_s);
     const facts = kv([
       ["model", d.model + " v" + d.version + " (" + follows + ")"], ["backend", d.backend],
-      ["batch size in force", d.max_batch_size + " of " + JSON.stringify(d.batch_sizes)],
+      ["batch size in force", d.max_batch_size + " of " + d.batch_sizes.join(", ")],
       ["engine instances", d.engine_instances], ["resident variants", d.resident_variants],
       ["policy", (d.policy || "-") + (d.pin ? " (pinned at " + d.pin.batch_size + " by " + d.pin.by + ")" : "")],
       ["last window", w.batches ? w.batches + " batches, " + fmtNum(w.throughput) + " items/s, d_batch " + ms(w.d_batch_s) +
-        ", N/F " + ms(w.criterion_s) + " (margin " + margin + "), batches formed " + JSON.stringify(w.batch_sizes) : "idle"],
-      ["requests", JSON.stringify(d.counters)],
+        ", N/F " + ms(w.criterion_s) + " (margin " + margin + "), queue " + fmtNum(w.queue_len_mean) + " (max " + (w.queue_len_max ?? "-") + ")" : "idle"],
+      ["batches formed", w.batches ? counts(w.batch_sizes, " items") : "-"],
+      ["since start", (d.counters.requests ?? 0) + " requests, " + (d.counters.errors ?? 0) + " errors, " + (d.counters.batches ?? 0) +
+        " batches, " + (d.counters.items ?? 0) + " items"],
     ]);
     const problems = [];
     if (d.last_load_failure) problems.push("last load failure: batch " + d.last_load_failure.batch_size + ": " + d.last_load_failure.error);
