@@ -166,12 +166,16 @@ def console(deploy_apps, serve_app, state, tmp_path_factory):
     streams["args"] = {**streams["args"], "sources": {"media_folders": [str(media)]}, "admission": {"max_stream_fps": 1000}}
     deploy_apps([controller, streams, monitor_app_entry(sample_interval_s=1.0, reconcile_interval_s=0.5)])
     token = ensure_api_token(state)
+    base, auth = serve_app["url"], {"Authorization": f"Bearer {token}"}
+    info = httpx.get(f"{base}/v1/info", timeout=30).json()
     try:
-        yield {"url": serve_app["url"], "token": token, "auth": {"Authorization": f"Bearer {token}"}}
+        yield {"url": base, "token": token, "auth": auth}
     finally:
-        base = serve_app["url"]
         for s in httpx.get(f"{base}/v1/streams", timeout=30).json()["streams"]:
-            httpx.delete(f"{base}/v1/streams/{s['id']}", headers={"Authorization": f"Bearer {token}"}, timeout=60)
+            httpx.delete(f"{base}/v1/streams/{s['id']}", headers=auth, timeout=60)
+        # the configured size again, and no pin, for the tests after these
+        httpx.put(f"{base}/v1/batch/{info['model']}/size", json={"batch_size": info["max_batch_size"]}, headers=auth, timeout=180)
+        httpx.delete(f"{base}/v1/batch/{info['model']}/size", headers=auth, timeout=60)
         token_path(state).unlink()
         deploy_apps(remove=[CONTROLLER_APP, "edgebatch-streams", MONITOR_APP])
 
@@ -348,6 +352,3 @@ def test_console_shows_the_instance_and_its_actions_take_effect(browser, console
     d.find_element(By.CSS_SELECTOR, 'button.stream-remove[data-stream="dock"]').click()
     _until(d, lambda d: "stream dock removed" in _text(d, "#stream-message"), "the removal")
     assert httpx.get(f"{base}/v1/streams/dock", timeout=30).status_code == 404
-    # back to the configured size for the tests after this one
-    httpx.put(f"{base}/v1/batch/{info['model']}/size", json={"batch_size": info["max_batch_size"]}, headers=auth, timeout=180)
-    httpx.delete(f"{base}/v1/batch/{info['model']}/size", headers=auth, timeout=60)
