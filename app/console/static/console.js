@@ -44,8 +44,8 @@ function bytes(n) {
   while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
   return (i ? n.toFixed(1) : n.toFixed(0)) + " " + units[i];
 }
-function counts(obj, unit) {
-  const parts = Object.entries(obj || {}).map(([k, v]) => k + unit + " \u00d7" + v);
+function counts(obj) {
+  const parts = Object.entries(obj || {}).map(([k, v]) => "size " + k + " \u00d7" + v);
   return parts.length ? parts.join(", ") : "-";
 }
 function clock(at) { return at ? new Date(at * 1000).toLocaleTimeString() : "-"; }
@@ -246,7 +246,7 @@ function renderDetectors(detectors) {
       ["policy", (d.policy || "-") + (d.pin ? " (pinned at " + d.pin.batch_size + " by " + d.pin.by + ")" : "")],
       ["last window", w.batches ? w.batches + " batches, " + fmtNum(w.throughput) + " items/s, d_batch " + ms(w.d_batch_s) +
         ", N/F " + ms(w.criterion_s) + " (margin " + margin + "), queue " + fmtNum(w.queue_len_mean) + " (max " + (w.queue_len_max ?? "-") + ")" : "idle"],
-      ["batches formed", w.batches ? counts(w.batch_sizes, " items") : "-"],
+      ["batches formed", w.batches ? counts(w.batch_sizes) : "-"],
       ["since start", (d.counters.requests ?? 0) + " requests, " + (d.counters.errors ?? 0) + " errors, " + (d.counters.batches ?? 0) +
         " batches, " + (d.counters.items ?? 0) + " items"],
     ]);
