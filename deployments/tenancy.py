@@ -137,6 +137,61 @@ class PlacementState:
     shortfall: Shortfall | None = None
 
 
+class PlacementGauges:
+    """Prometheus view of each placement: replicas running and configured, and which resource of its
+    request no alive node offers (1), so an operator's alert can say why a placement is short."""
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        keys = ("model", "placement")
+        self.running = metrics.Gauge("edgebatch_tenancy_replicas_running", tag_keys=keys,
+                                     description="replicas of the placement Serve reports RUNNING")
+        self.target = metrics.Gauge("edgebatch_tenancy_replicas_target", tag_keys=keys,
+                                    description="replicas the placement is configured to run")
+        self.missing = metrics.Gauge("edgebatch_tenancy_resource_missing", tag_keys=(*keys, "resource"),
+                                     description="1 when no alive node offers this resource of the placement's request")
+
+    def record(self, routes: dict[str, list[dict[str, Any]]], state: dict[str, PlacementState]) -> None:
+        for model, rows in routes.items():
+            for r in rows:
+                st = state.get(r["deployment"], PlacementState())
+                tags = {"model": model, "placement": r["placement"]}
+                self.running.set(st.running, tags)
+                self.target.set(st.target, tags)
+                missing = set(st.shortfall.missing) if st.shortfall else set()
+                for res in required_resources(r["ray_actor_options"]):
+                    self.missing.set(1 if res in missing else 0, {**tags, "resource": res})
+
+
+def alive_node_resources() -> list[dict[str, float]]:
+    import ray
+
+    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+
+
+def read_placement_states(app_name: str, routes: dict[str, list[dict[str, Any]]]) -> dict[str, PlacementState]:
+    """Each placement's replicas as Serve's controller reports them (blocking: run in a thread)."""
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    deps = ((details.get("applications") or {}).get(app_name) or {}).get("deployments") or {}
+    out: dict[str, PlacementState] = {}
+    nodes: list[dict[str, float]] | None = None
+    for rows in routes.values():
+        for r in rows:
+            dep = deps.get(r["deployment"]) or {}
+            ids = frozenset(str(x.get("replica_id")) for x in dep.get("replicas", []) if x.get("state") == "RUNNING")
+            target = int(dep.get("target_num_replicas") or r["replicas"])
+            st = PlacementState(running=len(ids), target=target, replica_ids=ids)
+            if st.running < st.target:
+                nodes = alive_node_resources() if nodes is None else nodes
+                st.shortfall = placement_shortfall(required_resources(r["ray_actor_options"]), st.running,
+                                                   st.target, nodes)
+            out[r["deployment"]] = st
+    return out
+
+
 @serve.deployment(name=TENANCY_ROUTER_DEPLOYMENT, max_ongoing_requests=256,
                   ray_actor_options={"num_cpus": 0, "resources": dict(HEAD_PIN)})
 @serve.ingress(api)
@@ -274,61 +329,6 @@ class ModelRouter:
     async def http_detect(self, model: str, request: Request) -> JSONResponse:
         body = await read_inference_body(request, self._max_body_bytes, self._token, self._auth_inference)
         return JSONResponse(await self.detect_bytes(model, body))
-
-
-class PlacementGauges:
-    """Prometheus view of each placement: replicas running and configured, and which resource of its
-    request no alive node offers (1) , so an operator's alert can say why a placement is short."""
-
-    def __init__(self) -> None:
-        from ray.serve import metrics
-
-        keys = ("model", "placement")
-        self.running = metrics.Gauge("edgebatch_tenancy_replicas_running", tag_keys=keys,
-                                     description="replicas of the placement Serve reports RUNNING")
-        self.target = metrics.Gauge("edgebatch_tenancy_replicas_target", tag_keys=keys,
-                                    description="replicas the placement is configured to run")
-        self.missing = metrics.Gauge("edgebatch_tenancy_resource_missing", tag_keys=(*keys, "resource"),
-                                     description="1 when no alive node offers this resource of the placement's request")
-
-    def record(self, routes: dict[str, list[dict[str, Any]]], state: dict[str, PlacementState]) -> None:
-        for model, rows in routes.items():
-            for r in rows:
-                st = state.get(r["deployment"], PlacementState())
-                tags = {"model": model, "placement": r["placement"]}
-                self.running.set(st.running, tags)
-                self.target.set(st.target, tags)
-                missing = set(st.shortfall.missing) if st.shortfall else set()
-                for res in required_resources(r["ray_actor_options"]):
-                    self.missing.set(1 if res in missing else 0, {**tags, "resource": res})
-
-
-def alive_node_resources() -> list[dict[str, float]]:
-    import ray
-
-    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
-
-
-def read_placement_states(app_name: str, routes: dict[str, list[dict[str, Any]]]) -> dict[str, PlacementState]:
-    """Each placement's replicas as Serve's controller reports them (blocking: run in a thread)."""
-    from ray.serve.context import _get_global_client
-
-    details = _get_global_client().get_serve_details()
-    deps = ((details.get("applications") or {}).get(app_name) or {}).get("deployments") or {}
-    out: dict[str, PlacementState] = {}
-    nodes: list[dict[str, float]] | None = None
-    for rows in routes.values():
-        for r in rows:
-            dep = deps.get(r["deployment"]) or {}
-            ids = frozenset(str(x.get("replica_id")) for x in dep.get("replicas", []) if x.get("state") == "RUNNING")
-            target = int(dep.get("target_num_replicas") or r["replicas"])
-            st = PlacementState(running=len(ids), target=target, replica_ids=ids)
-            if st.running < st.target:
-                nodes = alive_node_resources() if nodes is None else nodes
-                st.shortfall = placement_shortfall(required_resources(r["ray_actor_options"]), st.running,
-                                                   st.target, nodes)
-            out[r["deployment"]] = st
-    return out
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

@@ -83,6 +83,48 @@ def test_resources_and_weights_from_config():
     assert (short.missing, short.short) == (("edgetpu", "edgetpu_node"), 1)
 
 
+def test_status_hints_name_flags_ray_start_accepts():
+    """A short placement names what no alive node offers and the `ray start` flags that offer it:
+    a GPU is a count (--num-gpus), never a --resources entry."""
+    from deployments.status import pending_line, ray_start_flags
+
+    dep = {"target_num_replicas": 2, "replicas": [{"state": "RUNNING"}, {"state": "PENDING_ALLOCATION"}],
+           "required_resources": {"CPU": 0.0, "GPU": 0.5, "gpu_node": 0.001}}
+    nodes = [{"CPU": 4.0, "node:__internal_head__": 1.0}, {"CPU": 1.0, "edgetpu_node": 1.0, "edgetpu": 1.0}]
+    line = pending_line("demo-detector.gpu", dep, nodes)
+    assert line.startswith("no alive node offers resource GPU, gpu_node for model demo-detector placement gpu")
+    assert "(1/2 replicas running" in line and "ray start --num-gpus=1 --resources='{\"gpu_node\": 1}'" in line
+    assert ray_start_flags(["edgetpu", "edgetpu_node"]) == "--resources='{\"edgetpu\": 1, \"edgetpu_node\": 1}'"
+    full = pending_line("demo-detector.edgetpu", {**dep, "required_resources": {"edgetpu": 1.0}}, nodes)
+    assert "exist but are full, or the replicas are still starting" in full
+    assert pending_line("x", {**dep, "replicas": [{"state": "RUNNING"}] * 2}, nodes) is None
+
+
+def test_up_pins_control_deployments_to_the_head_and_keeps_proxy_location(state, tmp_path):
+    import yaml
+
+    from app.constants import HEAD_NODE_RESOURCE, HEAD_PIN
+    from deployments.config_file import DEFAULT_CONFIG, load_serve_config
+
+    # Ray's own name for the head's resource (ray._common.constants), the one definition we use
+    from ray._common.constants import HEAD_NODE_RESOURCE_NAME
+
+    assert HEAD_NODE_RESOURCE == HEAD_NODE_RESOURCE_NAME
+    config = load_serve_config(None, state)
+    assert config["proxy_location"] == "HeadOnly"
+    pinned = {d["name"]: d["ray_actor_options"].get("resources") for app in config["applications"]
+              for d in app.get("deployments", [])}
+    assert pinned == {"Detector": HEAD_PIN, "BatchController": HEAD_PIN, "StreamsIngress": HEAD_PIN,
+                      "CollectorSupervisor": HEAD_PIN}
+    # an operator who names resources (the detector on a GPU node) keeps them
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw["applications"][0]["deployments"][0]["ray_actor_options"] = {"num_gpus": 1, "resources": {"gpu_node": 0.001}}
+    own = tmp_path / "gpu.yaml"
+    own.write_text(yaml.safe_dump(raw))
+    det = load_serve_config(own, state)["applications"][0]["deployments"][0]
+    assert det["ray_actor_options"]["resources"] == {"gpu_node": 0.001}
+
+
 # -- on the session's Ray cluster, with worker raylets of several kinds ---------------------
 
 @pytest.fixture(scope="module")
