@@ -199,9 +199,10 @@ class ModelRouter:
     """Spreads each model's requests over its placements by capacity, only to placements that Serve
     says have running replicas; runs on the head node, which does not leave with an edge node."""
 
-    async def __init__(self, routes: dict[str, list[dict[str, Any]]], *, state_refresh_s: float = 1.0,
-                       placement_timeout_s: float = 10.0, skip_failed_s: float = 15.0, retry_after_s: int = 5,
-                       auth_inference: bool = False, max_body_bytes: int = 20 * 1024 * 1024) -> None:
+    async def __init__(self, routes: dict[str, list[dict[str, Any]]], *, state_refresh_s: float,
+                       placement_timeout_s: float, skip_failed_s: float, retry_after_s: int,
+                       auth_inference: bool, max_body_bytes: int) -> None:
+        """The settings come from ``TenancyConfig`` (``build_app``), where their defaults live."""
         self._routes = routes
         self._token = TokenCheck()
         self._auth_inference = auth_inference

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -108,7 +109,7 @@ def running_nodes(deployment: str) -> set[str]:
 def summarise(answers: list[Answer]) -> dict:
     ok = [a.latency_s * 1000 for a in answers if a.status == 200]
     failed = [a for a in answers if a.status != 200]
-    q = statistics.quantiles(ok, n=100) if len(ok) >= 2 else [ok[0] if ok else float("nan")] * 99
+    q = statistics.quantiles(ok, n=100, method="inclusive") if len(ok) >= 2 else [ok[0] if ok else float("nan")] * 99
     return {"requests": len(answers), "served": len(ok), "failed": len(failed),
             "failed_json_503_with_retry_after": sum(a.status == 503 and a.json_body and bool(a.retry_after)
                                                     for a in failed),
@@ -251,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             ray.shutdown()
             cluster.shutdown()
+            shutil.rmtree(home, ignore_errors=True)
 
     rows = [("steady load", figures["steady"]), ("GPU node killed, 2nd GPU node up", figures["gpu_node_killed_other_gpu_node_left"]),
             ("last GPU node killed", figures["no_gpu_node_left"]),
