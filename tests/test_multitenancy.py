@@ -18,6 +18,10 @@ from app.errors import ConfigError
 from app.tenancy import parse_tenancy, tag_resource
 from tests.conftest import wait_for
 
+# worker raylets, five Detector replicas and a node kill per test: on a shared 2-core machine a test's
+# setup (the deployment on fresh nodes) alone can pass the default 300 s
+pytestmark = pytest.mark.timeout(900)
+
 APP = "tenancy"
 MODEL = "demo-detector"
 GPU_DEP, TPU_DEP, CPU_DEP = f"{MODEL}.gpu", f"{MODEL}.edgetpu", f"{MODEL}.cpu"
@@ -103,11 +107,11 @@ def test_status_hints_name_flags_ray_start_accepts():
 def test_up_pins_control_deployments_to_the_head_and_keeps_proxy_location(state, tmp_path):
     import yaml
 
-    from app.constants import HEAD_NODE_RESOURCE, HEAD_PIN
-    from deployments.config_file import DEFAULT_CONFIG, load_serve_config
-
     # Ray's own name for the head's resource (ray._common.constants), the one definition we use
     from ray._common.constants import HEAD_NODE_RESOURCE_NAME
+
+    from app.constants import HEAD_NODE_RESOURCE, HEAD_PIN
+    from deployments.config_file import DEFAULT_CONFIG, load_serve_config
 
     assert HEAD_NODE_RESOURCE == HEAD_NODE_RESOURCE_NAME
     config = load_serve_config(None, state)
