@@ -118,8 +118,8 @@ def test_up_pins_control_deployments_to_the_head_and_keeps_proxy_location(state,
     assert config["proxy_location"] == "HeadOnly"
     pinned = {d["name"]: d["ray_actor_options"].get("resources") for app in config["applications"]
               for d in app.get("deployments", [])}
-    assert pinned == {"Detector": HEAD_PIN, "BatchController": HEAD_PIN, "StreamsIngress": HEAD_PIN,
-                      "CollectorSupervisor": HEAD_PIN}
+    assert pinned == {"Detector": HEAD_PIN, "Gateway": HEAD_PIN, "BatchController": HEAD_PIN,
+                      "StreamsIngress": HEAD_PIN, "CollectorSupervisor": HEAD_PIN}
     # an operator who names resources (the detector on a GPU node) keeps them
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     raw["applications"][0]["deployments"][0]["ray_actor_options"] = {"num_gpus": 1, "resources": {"gpu_node": 0.001}}
@@ -218,7 +218,7 @@ def test_router_and_control_apps_run_on_the_head_with_one_proxy(deployed, ray_cl
 
     head = ray_cluster.head_node.node_id
     apps = _get_global_client().get_serve_details()["applications"]
-    control = {APP: ["ModelRouter"], "edgebatch": ["Detector"]}  # the session's apps (the others: config test)
+    control = {APP: ["ModelRouter"], "edgebatch": ["Detector", "Gateway"]}  # the session's (others: config test)
     for app_name, names in control.items():
         for name in names:
             dep = apps[app_name]["deployments"][name]
