@@ -38,7 +38,7 @@ from ray.serve import Application
 
 from app.constants import DETECTOR_DEPLOYMENT, HEAD_PIN, TENANCY_ROUTER_DEPLOYMENT
 from app.detector import DetectRequest
-from app.errors import BadRequest, ConfigError, NotFound, PayloadTooLarge, RetryLater, one_line
+from app.errors import BadRequest, ConfigError, NotFound, Overloaded, PayloadTooLarge, RetryLater, one_line
 from app.security.auth import TokenCheck
 from app.tenancy import PlacementSpec, TenancyConfig, deployment_name, parse_tenancy, required_resources
 from deployments.detector import DetectorReplica, PlacedResult
@@ -286,6 +286,7 @@ class ModelRouter:
         if len(body) > self._max_body_bytes:
             raise PayloadTooLarge(f"body of {len(body)} bytes exceeds max_body_bytes={self._max_body_bytes}")
         last: str = "no placement answered"
+        busy: Overloaded | None = None
         for row in self._order(model):
             name = row["deployment"]
             resp = row["handle"].detect_placed.remote(DetectRequest.encoded(body))
@@ -298,12 +299,17 @@ class ModelRouter:
                 ours = as_edgebatch_error(exc)
                 if ours is not None and ours.status < 500:
                     raise ours from None  # the request is wrong (not an image, too large), not the placement
+                if isinstance(ours, Overloaded):
+                    busy = ours  # busy, not down: try the next placement, and do not skip this one
+                    continue
                 last = f"{name}: {ours.message if ours else one_line(exc)}"
             else:
                 self._served[name] = self._served.get(name, 0) + 1
                 return {**placed.result.to_json(), "served_by": dataclasses.asdict(placed.served_by),
                         "placement": row["placement"]}
             self._failed(name, last)
+        if busy is not None:
+            raise busy  # every placement that answered was over its deadline: the detector's own 503
         raise RetryLater(f"model '{model}': every placement with running replicas failed; last: {last}; "
                          "see `edgebatch status`", self._retry_after_s)
 
