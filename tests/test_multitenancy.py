@@ -212,7 +212,6 @@ def test_router_and_control_apps_run_on_the_head_with_one_proxy(deployed, ray_cl
     """The router and the control deployments ask for the head's resource; HeadOnly from the
     config is honoured: no HTTP proxy on the edge nodes."""
     from ray.serve.context import _get_global_client
-    from ray.util.state import list_actors
 
     from app.constants import HEAD_NODE_RESOURCE
 
@@ -224,8 +223,7 @@ def test_router_and_control_apps_run_on_the_head_with_one_proxy(deployed, ray_cl
             dep = apps[app_name]["deployments"][name]
             assert HEAD_NODE_RESOURCE in dep["deployment_config"]["ray_actor_options"]["resources"], name
             assert {r["node_id"] for r in dep["replicas"] if r["state"] == "RUNNING"} == {head}, name
-    proxies = list_actors(filters=[("class_name", "=", "ProxyActor"), ("state", "=", "ALIVE")])
-    assert {p.node_id for p in proxies} == {head}
+    assert set(_get_global_client().get_serve_details()["proxies"]) == {head}  # Serve's proxies, by node id
 
 
 def test_requests_spread_over_placements_by_capacity(deployed, jpeg, serve_app):
