@@ -25,6 +25,14 @@ CONTROLLER_APP = "edgebatch-controller"
 CONTROLLER_DEPLOYMENT = "BatchController"
 STREAMS_APP = "edgebatch-streams"
 STREAMS_DEPLOYMENT = "StreamsIngress"
+TENANCY_ROUTER_DEPLOYMENT = "ModelRouter"
+
+# -- where control deployments run ---------------------------------------------------
+# Ray gives the head node this resource (ray._common.constants.HEAD_NODE_RESOURCE_NAME); a replica
+# that asks a sliver of it runs on the head, as Serve's own controller does: the router and the
+# control apps must not land on an edge node that may leave.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+HEAD_PIN = {HEAD_NODE_RESOURCE: 0.001}
 
 # -- streams through the detector ---------------------------------------------------
 #: Frames a Ray stream reader takes from its stream's queue and has not delivered yet (pre-processing,

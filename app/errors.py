@@ -40,6 +40,18 @@ class Unavailable(EdgebatchError):
     status = 503
 
 
+class RetryLater(Unavailable):
+    """503 with ``Retry-After``: nothing can serve now, and the client needs to change nothing to retry."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+    def to_json(self) -> dict:
+        return {"error": self.message, "retry_after_s": self.retry_after_s}
+
+
 class ConfigError(EdgebatchError):
     """A configuration field is wrong; the message names the field."""
 

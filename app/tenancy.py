@@ -74,6 +74,9 @@ class PlacementSpec(BaseModel):
     )
     instance_memory_mb: float | None = Field(None, gt=0.0, description="device memory one replica holds")
     device_memory_mb: float | None = Field(None, gt=0.0, description="memory of one device of this tag")
+    alias: str | None = Field(None, description="registry alias this placement serves (default the model's): "
+                                                "a TensorRT plan is built on, and valid for, one kind of device")
+    version: str | None = Field(None, description="pin a model version for this placement; wins over alias")
     user_config: dict[str, Any] = Field(default_factory=dict, description="DetectorConfig overrides")
 
     @field_validator("tag")
@@ -104,7 +107,7 @@ class PlacementSpec(BaseModel):
                     f"device.share {self.device.share} x replicas_per_device {self.replicas_per_device} exceeds "
                     "one device; lower the share to 1/k or the replicas per device"
                 )
-        bad = {"model", "backend", "engine_instances"} & set(self.user_config)
+        bad = {"model", "backend", "engine_instances", "version", "alias"} & set(self.user_config)
         if bad:
             raise ValueError(f"user_config must not set {sorted(bad)}: they come from the model and placement")
         return self
@@ -162,7 +165,10 @@ class TenantModel(BaseModel):
         """The user_config of one placement's Detector deployment, validated now, not on the node."""
         data = {**self.user_config, **placement.user_config}
         data.update(model=self.name, backend=placement.backend, engine_instances=placement.engine_instances)
-        data.update(version=self.version, alias=self.alias)
+        if placement.version is not None or placement.alias is not None:
+            data.update(version=placement.version, alias=placement.alias or self.alias)
+        else:
+            data.update(version=self.version, alias=self.alias)
         where = f"models[{self.name}].placements[{placement.name}].user_config"
         return parse_config(DetectorConfig, data, where).model_dump(exclude_defaults=False)
 
@@ -177,6 +183,14 @@ class TenancyConfig(BaseModel):
     max_ongoing_requests: int = Field(64, ge=1, le=10000, description=">= max_batch_size x engine_instances")
     auth_inference: bool = Field(False, description="/tenancy/<model>/v1/detect needs the API bearer token too")
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
+    state_refresh_s: float = Field(1.0, ge=0.1, le=60.0, description="how often the router reads Serve's replica "
+                                                                    "states (off the request path)")
+    placement_timeout_s: float = Field(10.0, gt=0.0, le=600.0, description="a placement whose running replicas do "
+                                                                         "not answer in this long is skipped")
+    skip_failed_s: float = Field(15.0, ge=0.0, le=3600.0, description="how long a failed placement is skipped, "
+                                                                     "unless Serve shows its replicas running again")
+    retry_after_s: int = Field(5, ge=1, le=3600, description="Retry-After of the 503 when no placement of a model "
+                                                             "has a running replica")
 
     @model_validator(mode="after")
     def _unique(self) -> TenancyConfig:
@@ -191,6 +205,16 @@ class TenancyConfig(BaseModel):
             if m.name == name:
                 return m
         raise KeyError(name)
+
+
+def required_resources(ray_actor_options: dict[str, Any]) -> dict[str, float]:
+    """One replica's resource request, keyed as Ray's nodes report them (GPU, CPU, custom)."""
+    out = {k: float(v) for k, v in (ray_actor_options.get("resources") or {}).items()}
+    if ray_actor_options.get("num_gpus"):
+        out["GPU"] = float(ray_actor_options["num_gpus"])
+    if ray_actor_options.get("num_cpus"):
+        out["CPU"] = float(ray_actor_options["num_cpus"])
+    return out
 
 
 def deployment_name(model: str, placement: str) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from app.constants import DETECTOR_APP_IMPORT_PATH, DETECTOR_DEPLOYMENT
+from app.constants import DETECTOR_APP_IMPORT_PATH, DETECTOR_DEPLOYMENT, HEAD_PIN
 from app.errors import ConfigError
 from app.imaging import DEFAULT_MAX_IMAGE_PIXELS, OPENCV_PIXELS_ENV
 from app.state import StateDir
@@ -23,6 +23,10 @@ from app.state import StateDir
 DEFAULT_CONFIG = Path(__file__).with_name("serve_config.yaml")
 DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+# Apps that run on the head node unless their YAML names other resources: the detector of the
+# single-detector app, the batch controller, the streams ingress, the collectors' supervisor.
+HEAD_PINNED_APPS = (DETECTOR_APP_IMPORT_PATH, "deployments.controller:build_app", "deployments.streams:build_app",
+                    "deployments.collectors:build_app")
 
 
 def read_serve_config(path: Path | None) -> dict[str, Any]:
@@ -94,8 +98,9 @@ def instance_env(state: StateDir, direct_ingress: bool = False) -> dict[str, str
 
 def complete_serve_config(config: dict[str, Any], state: StateDir, *, port: int | None = None,
                           direct_ingress: bool = False) -> dict[str, Any]:
-    """The config `up` applies: the HTTP port of this instance and every app's runtime_env pointing
-    replicas at this instance's state and code (values already in the YAML win)."""
+    """The config `up` applies: the HTTP port of this instance, every app's runtime_env pointing
+    replicas at this instance's state and code (values already in the YAML win), and the control
+    deployments pinned to the head node."""
     config = copy.deepcopy(config)
     if port is not None:
         config.setdefault("http_options", {})["port"] = port
@@ -103,9 +108,22 @@ def complete_serve_config(config: dict[str, Any], state: StateDir, *, port: int 
     for app in config["applications"]:
         runtime_env = app.setdefault("runtime_env", {})
         runtime_env["env_vars"] = {**env_vars, **runtime_env.get("env_vars", {})}
+        pin_to_head(app)
     validate_schema(config)
     check_detector_configs(config)
     return config
+
+
+def pin_to_head(app: dict[str, Any]) -> None:
+    """Control deployments run on the head (the node `up` runs on, which a cluster cannot lose
+    without losing Serve's controller too); one whose ``ray_actor_options`` names ``resources``
+    keeps them, so an operator can still move the detector onto a GPU node."""
+    if app.get("import_path") not in HEAD_PINNED_APPS:
+        return
+    for dep in app.get("deployments") or []:
+        options = dep.setdefault("ray_actor_options", {})
+        if isinstance(options, dict) and "resources" not in options:
+            options["resources"] = dict(HEAD_PIN)
 
 
 def load_serve_config(path: Path | None, state: StateDir, *, port: int | None = None,

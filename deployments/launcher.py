@@ -23,10 +23,13 @@ def deploy(config: dict[str, Any]) -> float:
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 
-    http = config.get("http_options", {})
     validate = getattr(ServeDeploySchema, "model_validate", None) or ServeDeploySchema.parse_obj
     schema = validate(config)
-    client = serve_start(http_options={"host": http.get("host", "127.0.0.1"), "port": http.get("port", 8000)})
+    # as Ray's dashboard does for `serve deploy`: the first deploy starts Serve with the config's
+    # HTTP options and proxy_location (HeadOnly: no proxy on the edge nodes)
+    client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,
+                         grpc_options=schema.grpc_options.model_dump(), global_logging_config=schema.logging_config,
+                         controller_options=schema.controller_options)
     submitted = time.time()
     client.deploy_apps(schema)
     return submitted

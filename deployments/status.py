@@ -1,13 +1,17 @@
-"""What `edgebatch status` shows: applications, replicas, the detector's model and batch size,
-the controller's decision, replicas pending for a missing resource, this instance's ports."""
+"""What `edgebatch status` shows: applications, replicas and the node each runs on, the detector's
+model and batch size, the controller's decision, replicas pending for a missing resource (with the
+`ray start` flag that would offer it), this instance's ports."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
-from app.constants import DETECTOR_DEPLOYMENT
+from app.constants import DETECTOR_DEPLOYMENT, HEAD_NODE_RESOURCE
 from app.errors import one_line
+from app.tenancy import required_resources, split_deployment_name
+from policies.placement import placement_shortfall
 
 
 def cause_line(message: str | None) -> str:
@@ -112,21 +116,88 @@ def _add_controller(summary: dict[str, Any]) -> None:
 
 
 def _add_pending_reasons(summary: dict[str, Any]) -> None:
-    """Replicas Ray keeps pending for a resource no alive node offers: say so (multi-tenancy tags)."""
+    """Where each replica runs, and why replicas Ray keeps pending cannot start (multi-tenancy tags)."""
     try:
-        from deployments.tenancy import pending_reasons
+        import ray
+        from ray.serve.context import _get_global_client
 
-        reasons = pending_reasons()
+        details = _get_global_client().get_serve_details()
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
     except Exception as exc:  # status must never fail because Ray's state API is slow or busy
         summary["pending_error"] = one_line(exc)
         return
-    for app_name, by_deployment in reasons.items():
+    by_id = {n["NodeID"]: n for n in nodes}
+    alive = [dict(n.get("Resources", {})) for n in nodes]
+    for app_name, app_details in (details.get("applications") or {}).items():
         app = summary["applications"].setdefault(app_name, {"deployments": {}})
-        app["pending"] = by_deployment
-        for dep_name, line in by_deployment.items():
+        for dep_name, dep_details in (app_details.get("deployments") or {}).items():
             dep = app["deployments"].get(dep_name)
+            if dep is not None:
+                dep["replica_nodes"] = [replica_node(r, by_id) for r in dep_details.get("replicas", [])]
+            line = pending_line(dep_name, dep_details, alive)
+            if line is None:
+                continue
+            app.setdefault("pending", {})[dep_name] = line
             if dep is not None:  # `edgebatch status` prints each deployment's message
                 dep["message"] = f"{dep['message']}; {line}" if dep.get("message") else line
+
+
+def node_tags(resources: dict[str, float]) -> list[str]:
+    """A node's kind tags (``gpu_node``...) and ``head``, from the resources it declared."""
+    tags = sorted(k for k in resources if k.endswith("_node"))
+    return (["head"] if HEAD_NODE_RESOURCE in resources else []) + tags
+
+
+def replica_node(replica: dict[str, Any], nodes_by_id: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One replica's state, process and node (IP, id, tags) from Serve's replica details."""
+    node = nodes_by_id.get(replica.get("node_id") or "")
+    return {"state": replica.get("state"), "pid": replica.get("pid"), "node_id": replica.get("node_id"),
+            "node_ip": replica.get("node_ip") or (node or {}).get("NodeManagerAddress"),
+            "tags": node_tags(node.get("Resources", {})) if node else []}
+
+
+def ray_start_flags(resources: list[str]) -> str:
+    """The `ray start` flags that declare these resources: GPUs and CPUs are counts, the rest custom."""
+    flags, custom = [], {}
+    for name in resources:
+        if name == "GPU":
+            flags.append("--num-gpus=1")
+        elif name == "CPU":
+            flags.append("--num-cpus=1")
+        else:
+            custom[name] = 1
+    if custom:
+        flags.append("--resources='" + json.dumps(custom) + "'")
+    return " ".join(flags)
+
+
+def pending_line(dep_name: str, dep: dict[str, Any], alive: list[dict[str, float]]) -> str | None:
+    """Why a deployment runs fewer replicas than its target, naming what no alive node offers."""
+    running = sum(1 for r in dep.get("replicas", []) if r.get("state") == "RUNNING")
+    required = _required(dep)
+    short = placement_shortfall(required, running, int(dep.get("target_num_replicas") or 0), alive)
+    if short is None:
+        return None
+    split = split_deployment_name(dep_name)
+    who = f"model {split[0]} placement {split[1]}" if split else f"deployment {dep_name}"
+    asks = {k: v for k, v in sorted(required.items()) if v}
+    if HEAD_NODE_RESOURCE in short.missing:
+        return f"{who}: {running}/{short.target} replicas running; it is pinned to the head node, which is not alive"
+    if short.missing:
+        res = ", ".join(short.missing)
+        return (f"no alive node offers resource {res} for {who} ({running}/{short.target} replicas running, "
+                f"each needs {asks}); start a node with `ray start {ray_start_flags(list(short.missing))}`, "
+                "or change the placement")
+    return (f"{who}: {running}/{short.target} replicas running; nodes offering {sorted(asks)} exist "
+            "but are full, or the replicas are still starting")
+
+
+def _required(dep: dict[str, Any]) -> dict[str, float]:
+    """One replica's resource request from the controller's deployment details."""
+    req = dep.get("required_resources")
+    if req:
+        return {k: float(v) for k, v in req.items()}
+    return required_resources((dep.get("deployment_config") or {}).get("ray_actor_options") or {})
 
 
 def shutdown_serve() -> None:

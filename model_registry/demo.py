@@ -35,6 +35,18 @@ def _production_or_latest(repo: ModelRepository) -> str | None:
 DEFAULT_ASSETS = Path(__file__).resolve().parents[1] / "app" / "demo" / "assets"
 
 
+def demo_export(assets_dir: Path | None = None) -> tuple[Path, list[str] | None]:
+    """The demo detector's ONNX export and its labels: what `edgebatch models build` builds when no
+    SOURCE is given (TensorRT plans of it on a GPU node, or a second tenant registered from it)."""
+    assets_dir = Path(assets_dir) if assets_dir is not None else DEFAULT_ASSETS
+    onnx_path, meta_path = assets_dir / "detector.onnx", assets_dir / "detector.json"
+    if not onnx_path.is_file():
+        raise ConfigError(f"the demo detector {onnx_path} is missing; reinstall edgebatch (the file ships in "
+                          "app/demo/assets) or pass SOURCE.onnx")
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return onnx_path, meta.get("labels")
+
+
 def ensure_demo_model(repo: ModelRepository, assets_dir: Path | None = None) -> str:
     """The version of ``demo-detector`` behind ``production``, registering it first if absent.
 

@@ -5,7 +5,8 @@ Ray's fractional GPUs are a logical share with no memory isolation (ray issue 41
 ``concurrency_level`` cuts a requested k to what device memory holds before Ray sees any
 replica. Which node kinds a model runs on is declared (``deployments/tenancy_example.yaml``)
 and Ray places the replicas by node tag (DMP); ``route_weights`` spreads a model's requests
-over its placements in proportion to their capacity.
+over its placements in proportion to their capacity; ``placement_shortfall`` says which
+resources a placement that runs short lacks (the router's gauge and `edgebatch status` use it).
 
 Pure functions over plain data.
 """
@@ -13,7 +14,7 @@ Pure functions over plain data.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 
@@ -91,3 +92,30 @@ def route_weights(plan: PlacementPlan, model: str) -> dict[tuple[str, str], floa
     if total <= 0:
         return {k: 1.0 / len(caps) for k in caps}
     return {k: v / total for k, v in caps.items()}
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """A placement running fewer replicas than configured, and the resources no alive node offers."""
+
+    running: int
+    target: int
+    missing: tuple[str, ...]  # empty: nodes with every resource exist, but they are full or still starting
+
+    @property
+    def short(self) -> int:
+        return self.target - self.running
+
+
+def placement_shortfall(
+    required: Mapping[str, float], running: int, target: int, alive_nodes: Sequence[Mapping[str, float]]
+) -> Shortfall | None:
+    """None when the placement runs all its replicas; else how short it is and which resources of
+    one replica's request (``required``) no alive node offers in that amount."""
+    if running >= target:
+        return None
+    missing = tuple(
+        name for name, amount in sorted(required.items())
+        if amount and not any(node.get(name, 0.0) + 1e-9 >= amount for node in alive_nodes)
+    )
+    return Shortfall(running=running, target=target, missing=missing)

@@ -67,14 +67,71 @@ def test_start_command_picks_this_hosts_resources(cluster, tmp_path):
 
 
 def test_example_tenancy_tags_are_offered_by_the_cluster(cluster):
-    from app.tenancy import parse_tenancy, tag_resource
+    from app.tenancy import tag_resource
 
-    serve_cfg = yaml.safe_load((ROOT / "deployments" / "tenancy_example.yaml").read_text())
-    args = dict(serve_cfg["applications"][0]["args"])
-    for key in ("placement_timeout_s", "retry_after_s"):
-        args.pop(key, None)
-    tenancy = parse_tenancy(args)
+    _, tenancy = example_tenancy()
     offered = {k for res in node_resources(cluster).values() for k in res}
     for model in tenancy.models:
         for p in model.placements:
             assert tag_resource(p.tag) in offered, f"{model.name}/{p.name}: no host declares {tag_resource(p.tag)}"
+
+
+def hosts_as_ray_sees_them(cluster: dict) -> dict[str, dict[str, float]]:
+    """Each host's resources once `ray up` started it: its --resources JSON plus its GPU count. The
+    x86 host's one card is found by Ray itself; the Jetson declares its integrated GPU with
+    --num-gpus=1 (GPUs never go into --resources, which Ray refuses for "GPU")."""
+    hosts = node_resources(cluster)
+    assert all("GPU" not in res for res in hosts.values())
+    assert "--num-gpus=1" in " ".join(cluster["worker_start_ray_commands"])
+    for res in hosts.values():
+        if "gpu_node" in res or "jetson_node" in res:
+            res["GPU"] = 1.0  # one card per GPU host, one Jetson module: what the comments in cluster.yaml list
+    return hosts
+
+
+def example_tenancy():
+    from app.tenancy import parse_tenancy
+
+    serve_cfg = yaml.safe_load((ROOT / "deployments" / "tenancy_example.yaml").read_text())
+    return serve_cfg, parse_tenancy(serve_cfg["applications"][0]["args"])
+
+
+def test_example_bookings_fit_the_cluster_devices(cluster):
+    """Every replica of the tenancy example, with its tag and device share, packs onto the hosts
+    cluster.yaml lists (first fit, largest share first): no GPU, Coral or Jetson booked twice."""
+    from app.tenancy import required_resources
+    from deployments.tenancy import actor_options
+
+    free = {ip: dict(res) for ip, res in hosts_as_ray_sees_them(cluster).items()}
+    _, tenancy = example_tenancy()
+    replicas = []
+    for model in tenancy.models:
+        for p in model.placements:
+            need = {k: v for k, v in required_resources(actor_options(p)).items() if k != "CPU"}
+            replicas += [(f"{model.name}.{p.name}#{i}", need) for i in range(p.num_replicas)]
+    replicas.sort(key=lambda r: -sum(v for k, v in r[1].items() if not k.endswith("_node")))
+    for name, need in replicas:
+        host = next((ip for ip, res in free.items() if all(res.get(k, 0.0) + 1e-9 >= v for k, v in need.items())),
+                    None)
+        assert host is not None, f"{name} needs {need}; left on the hosts: {free}"
+        for k, v in need.items():
+            free[host][k] -= v
+    gpu_host = next(ip for ip, res in node_resources(cluster).items() if "gpu_node" in res)
+    assert abs(free[gpu_host]["GPU"]) < 1e-9  # the example books the GPU host's one card exactly
+
+
+def test_docs_build_every_variant_the_example_names():
+    """Each (model, backend, alias) a placement loads has a build command in docs/multitenancy.md;
+    demo-detector's ONNX variants @production are the ones `edgebatch up` registers."""
+    text = (ROOT / "docs" / "multitenancy.md").read_text()
+    commands = re.findall(r"edgebatch models build[^\n`]*", text)
+    _, tenancy = example_tenancy()
+    for model in tenancy.models:
+        for p in model.placements:
+            alias = p.alias or model.alias
+            if (model.name, p.backend, alias) == ("demo-detector", "onnx", "production"):
+                continue
+            backend_flag = f"--backend {p.backend}" if p.backend != "onnx" else ""
+            assert any(f"--name {model.name} " in f"{c} " and backend_flag in c and f"--alias {alias}" in c
+                       and (p.backend != "onnx" or "--backend" not in c) for c in commands), \
+                f"no documented build of {model.name} {p.backend} @{alias}"

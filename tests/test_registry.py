@@ -406,6 +406,21 @@ def test_cli_build_list_show_promote(sources, state, repo, monkeypatch, capsys, 
         _cli(["models", "promote", "cli-det", "7"])
 
 
+def test_cli_build_without_source_registers_the_demo_export_as_a_second_model(state, repo, monkeypatch, capsys):
+    """`edgebatch models build --name NAME` builds the demo detector's own export (with its labels):
+    how the tenancy example's second model is registered, and what a GPU node builds plans of."""
+    monkeypatch.setenv("EDGEBATCH_HOME", str(state.root))
+    assert _cli(["models", "build", "--name", "second-detector", "--batch-sizes", "1,2", "--alias", "production",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr()
+    assert "building the demo detector's export" in out.err and "labels: 3 the demo detector's" in out.err
+    version = out.out.strip().splitlines()[-1]
+    assert repo.resolve("second-detector", alias="production") == version
+    variants = repo.list_variants("second-detector", version=version)
+    assert [(v.backend, v.batch_size) for v in variants] == [("onnx", 1), ("onnx", 2)]
+    assert json.loads(variants[0].tags["labels"]) == ["square", "circle", "triangle"]
+
+
 ULTRALYTICS_NAMES = "{0: 'person', 1: 'bicycle', 2: 'car', 3: 'dog'}"
 
 

@@ -39,6 +39,8 @@ backends:
 
 examples:
   edgebatch models build yolov8n.onnx --name yolov8n --batch-sizes 1,2,4,8,16
+  edgebatch models build --name demo-detector --backend tensorrt --alias gpu   # on a GPU node: plans of the demo
+  edgebatch models build --name second-detector --alias production            # the demo export as a second model
   edgebatch models promote yolov8n 3 --alias production
   edgebatch models build --backend torch --name demo-torch --batch-sizes 1,2,4,8 --alias production
 
@@ -119,6 +121,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
     repo = _repo(args)
     repo.check_available()  # fail before a long build, not after it
     source = Path(args.source) if args.source else None
+    demo_labels = None
+    if source is None and args.backend in ("onnx", "tensorrt"):
+        from model_registry.demo import demo_export
+
+        source, demo_labels = demo_export()
+        print(f"no SOURCE: building the demo detector's export {source}", file=sys.stderr)
     files = None
     if args.backend in ("tflite", "edgetpu"):
         files = parse_variant_args(args.variant or [])
@@ -132,6 +140,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     batch_sizes = parse_batch_sizes(args.batch_sizes)
     imgsz = parse_imgsz(args.imgsz, "--imgsz") if args.imgsz else None
     labels, labels_from = _labels_for(args, repo, source)
+    if labels is None and demo_labels:
+        labels, labels_from = demo_labels, "the demo detector's"
     with tempfile.TemporaryDirectory(prefix="edgebatch-build-") as tmp:
         print(f"building {args.backend} variants of {args.name}...", file=sys.stderr)
         variants = build_variants(args.backend, batch_sizes, Path(tmp), source=source, files=files, fp16=args.fp16,
@@ -217,8 +227,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build = sub.add_parser("build", parents=[common], help="build fixed-batch variants and register a version",
                            epilog=_BUILD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     build.add_argument("source", nargs="?", metavar="SOURCE",
-                       help="ONNX export (onnx, tensorrt), a folder of .tflite files (tflite, edgetpu), a "
-                            "torch.export .pt2 file or nothing for the demo network (torch)")
+                       help="ONNX export (onnx, tensorrt; default the demo detector's export), a folder of "
+                            ".tflite files (tflite, edgetpu), a torch.export .pt2 file or nothing for the demo "
+                            "network (torch)")
     build.add_argument("--name", required=True, help="model name: letters, digits, '.', '_', '-'")
     build.add_argument("--batch-sizes", default="1,2,4,8,16", help="comma-separated (default 1,2,4,8,16)")
     build.add_argument("--backend", default="onnx", choices=["onnx", "tensorrt", "tflite", "edgetpu", "torch"])

@@ -155,10 +155,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         assert record.ports is not None
         config = config_file.load_serve_config(args.config, state, port=record.ports.http)
         submitted = launcher.deploy(config)
-        summary = launcher.wait_running(timeout_s=args.timeout, since=submitted)
+        deadline = time.monotonic() + args.timeout
+        for app in config["applications"]:  # every app of this config, not only the detector's
+            summary = launcher.wait_running(app["name"], timeout_s=max(1.0, deadline - time.monotonic()),
+                                            since=submitted)
         host = config.get("http_options", {}).get("host", "127.0.0.1")
         base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{record.ports.http}"
-        wait_ready(base, timeout_s=60)
+        if any(app["name"] == DETECTOR_APP for app in config["applications"]):
+            wait_ready(base, timeout_s=60)
     except BaseException as exc:
         if started:  # a failed first `up` leaves no Ray process behind
             import ray
@@ -173,11 +177,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise
     record.http_url = base
     record.save(state)
-    det = summary["applications"].get(DETECTOR_APP, {}).get("detector", {})
-    print(f"serving {det.get('model')} v{det.get('version')} at {base}  (max batch {det.get('max_batch_size')}, "
-          f"variants loaded {list(det.get('loaded_variants', {}))}) in {time.perf_counter() - t0:.1f} s")
-    print(f"try: curl -s -X POST --data-binary @image.jpg -H 'Content-Type: image/jpeg' {base}/v1/detect")
-    print(f"console: {base}/ui  (nodes, placements, detectors, streams, registry; docs/console.md)")
+    det = summary["applications"].get(DETECTOR_APP, {}).get("detector")
+    if det is not None:
+        print(f"serving {det.get('model')} v{det.get('version')} at {base}  (max batch {det.get('max_batch_size')}, "
+              f"variants loaded {list(det.get('loaded_variants', {}))}) in {time.perf_counter() - t0:.1f} s")
+        print(f"try: curl -s -X POST --data-binary @image.jpg -H 'Content-Type: image/jpeg' {base}/v1/detect")
+        print(f"console: {base}/ui  (nodes, placements, detectors, streams, registry; docs/console.md)")
+    else:
+        names = ", ".join(f"{a['name']} ({a.get('route_prefix') or 'no route'})" for a in config["applications"])
+        print(f"serving {names} at {base} in {time.perf_counter() - t0:.1f} s")
     print(token_note)
     for url in direct_ingress_urls(DETECTOR_APP):
         print(f"direct ingress (no proxy hop): {url}/v1/detect")
@@ -265,6 +273,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         for name, d in app["deployments"].items():
             reps = ", ".join(f"{k}={v}" for k, v in d["replicas"].items()) or "none"
             print(f"  deployment {name}: {d['status']}  replicas: {reps}")
+            for r in d.get("replica_nodes", []):
+                where = f"{r.get('node_ip') or '?'} (node {str(r.get('node_id') or '?')[:8]}"
+                print(f"    {r.get('state')} pid {r.get('pid')} on {where}, {', '.join(r.get('tags') or []) or 'no tags'})")
             if d.get("message"):
                 print(f"    {d['message']}")
         det = app.get("detector")
