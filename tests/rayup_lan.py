@@ -35,6 +35,9 @@ def missing_tools() -> list[str]:
     if not os.access(SSHD, os.X_OK):
         missing.append("sshd (apt-get install openssh-server)")
     missing += [t for t in NEEDED if shutil.which(t) is None]
+    if not missing and subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount", "--mount-proc", "true"],
+                                      capture_output=True).returncode != 0:
+        missing.append("network, PID and mount namespaces (CAP_SYS_ADMIN, CAP_NET_ADMIN)")
     return missing
 
 

@@ -230,11 +230,18 @@ def test_edgebatch_up_on_the_head_serves_from_a_replica_on_a_worker(lan_cluster)
     print(json.dumps(lan_cluster["figures"]))
 
 
+RAY_PROCESSES = "ps -eo stat=,comm= | awk '$1 !~ /^Z/ && ($2 == \"raylet\" || $2 == \"gcs_server\")'"
+
+
 def test_ray_down_stops_the_cluster(lan_cluster):
     t0 = time.monotonic()
     down = ray_cli(lan_cluster, "down", "-y", "rayup-cluster.yaml")
     assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-2000:]
     lan_cluster["figures"]["ray_down_s"] = time.monotonic() - t0
-    head = lan_cluster["head"]
-    assert head.run("pgrep -x raylet || pgrep -x gcs_server").stdout.strip() == ""
+    head, workers = lan_cluster["head"], lan_cluster["lan"].hosts[1:]
+    wait_for(lambda: head.run(RAY_PROCESSES).stdout.strip() == "", 60, "Ray on the head to stop after `ray down`", 0.5)
+    # the local provider only forgets the workers; their Ray exits by itself once the head is gone
+    wait_for(lambda: all(w.run(RAY_PROCESSES).stdout.strip() == "" for w in workers), 180,
+             "Ray on the workers to exit after the head went", 2)
+    lan_cluster["figures"]["workers_gone_after_ray_down_s"] = time.monotonic() - t0
     print(json.dumps(lan_cluster["figures"]))
