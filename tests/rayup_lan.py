@@ -158,7 +158,7 @@ class Lan:
         process = subprocess.Popen(
             ["ip", "netns", "exec", ns, "unshare", "--pid", "--fork", "--kill-child=SIGKILL", "--mount",
              "--mount-proc", "--propagation", "private", "sh", "-c", boot],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_end_with_parent)
         return Host(name=ns, ip=ip, home=home, root=root, process=process)
 
     def stop(self) -> None:
@@ -179,6 +179,13 @@ class Lan:
             _run("ip", "netns", "del", host.name, check=False)
         if self.subnet:
             _run("ip", "link", "del", self.bridge, check=False)
+
+
+def _end_with_parent() -> None:
+    """SIGTERM to `unshare` if the test process dies (even by SIGKILL): it then ends the host."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _top_under_root(path: Path) -> str | None:
