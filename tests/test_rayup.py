@@ -103,11 +103,12 @@ def ray_cli(lan_cluster: dict, *args: str, timeout_s: float = 600) -> subprocess
 
 
 def head_python(head, code: str, timeout_s: float = 300) -> dict:
-    """Run Python on the head (a driver of the cluster `ray up` started); its last line is JSON."""
+    """Run Python on the head (a driver of the cluster `ray up` started); it prints ``RESULT <json>``
+    (Ray may print its own lines too)."""
     out = head.run(f"{ON_HEAD_RAY} ~/edgebatch-venv/bin/python - <<'EOF'\n{code}\nEOF", timeout_s=timeout_s)
-    lines = out.stdout.strip().splitlines()
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     assert out.returncode == 0 and lines, f"on the head: rc {out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
-    return json.loads(lines[-1])
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 NODES_UP = """
@@ -119,7 +120,7 @@ while True:
     if len(nodes) >= {count} or time.monotonic() > deadline:
         break
     time.sleep(1)  # polling Ray's node table with a deadline
-print(json.dumps({{n["NodeManagerAddress"]: n["Resources"] for n in nodes}}))
+print("RESULT", json.dumps({{n["NodeManagerAddress"]: n["Resources"] for n in nodes}}))
 """
 
 REPLICAS = """
@@ -129,7 +130,7 @@ from ray.serve._private.constants import SERVE_CONTROLLER_NAME
 controller = ray.get_actor(SERVE_CONTROLLER_NAME)
 details = ray.get(controller.get_serve_instance_details.remote())
 deps = details["applications"]["edgebatch"]["deployments"]
-print(json.dumps({name: [r["node_ip"] for r in d["replicas"] if r["state"] == "RUNNING"] for name, d in deps.items()}))
+print("RESULT", json.dumps({name: [r["node_ip"] for r in d["replicas"] if r["state"] == "RUNNING"] for name, d in deps.items()}))
 """
 
 DETECT = """
@@ -138,7 +139,7 @@ from app.bench.images import sample_jpegs
 t0 = time.perf_counter()
 r = httpx.post("http://127.0.0.1:8000/v1/detect", content=sample_jpegs(1, 640, 360)[0],
                headers={"Content-Type": "image/jpeg"}, timeout=60)
-print(json.dumps({"status": r.status_code, "body": r.json(), "ms": (time.perf_counter() - t0) * 1000}))
+print("RESULT", json.dumps({"status": r.status_code, "body": r.json(), "ms": (time.perf_counter() - t0) * 1000}))
 """
 
 
