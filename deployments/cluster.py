@@ -81,6 +81,24 @@ def require_cluster(state: StateDir | None = None) -> None:
                           "start it with `edgebatch up`")
 
 
+def registry_reach_warning(tracking_uri: str, host_local: bool, this_ip: str, node_ips: list[str]) -> str | None:
+    """One line when the registry `up` hands every replica can only be reached from this host, while
+    the cluster has nodes on other hosts (their replicas would fail to load a model)."""
+    others = sorted(set(node_ips) - {this_ip})
+    if not host_local or not others:
+        return None
+    return (f"warning: replicas on the {len(others)} other host(s) of this cluster ({', '.join(others[:4])}) cannot "
+            f"reach the model registry {tracking_uri}; start an MLflow server on the head (cluster.yaml does) "
+            "and run `edgebatch up` with MLFLOW_TRACKING_URI=http://<head-ip>:5000")
+
+
+def alive_node_ips() -> tuple[str, list[str]]:
+    """This driver's node IP and every alive node's."""
+    import ray
+
+    return ray.util.get_node_ip_address(), [n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")]
+
+
 def _ray_bin() -> str:
     return shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
 

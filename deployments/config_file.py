@@ -79,9 +79,11 @@ def check_structure(config: Any, path: object = "the Serve config") -> None:
 
 
 def instance_env(state: StateDir, direct_ingress: bool = False) -> dict[str, str]:
-    """Environment every replica of this instance gets, whatever node it runs on."""
+    """Environment every replica of this instance gets, whatever node it runs on: the head's state
+    folder and registry address, never the default of the node a replica lands on."""
     env = {
         "EDGEBATCH_HOME": str(state.root),
+        "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI") or state.tracking_uri,
         "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
@@ -89,8 +91,6 @@ def instance_env(state: StateDir, direct_ingress: bool = False) -> dict[str, str
         # OpenCV reads its allocation limit once, at `import cv2`: set before any replica decodes
         OPENCV_PIXELS_ENV: str(DEFAULT_MAX_IMAGE_PIXELS),
     }
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        env["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
     if direct_ingress:
         env[DIRECT_INGRESS_ENV] = "1"
     return env

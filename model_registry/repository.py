@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import re
+import socket
 import sys
 import threading
 import time
@@ -204,9 +205,13 @@ class ModelRepository:
         *,
         state: StateDir | None = None,
         cache_dir: Path | None = None,
+        reader: bool = False,
     ) -> None:
+        """``reader``: this process only reads models (a replica): a SQLite store that does not exist
+        here is an error naming why, not a new empty registry (a SQLite file serves one host only)."""
         _quiet_mlflow()
         self.state = state or StateDir.default()
+        self.reader = reader
         self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or self.state.tracking_uri
         self.cache = VariantCache(Path(cache_dir) if cache_dir else self.state.cache / "variants",
                                   self.tracking_uri)
@@ -223,6 +228,16 @@ class ModelRepository:
     @property
     def is_remote(self) -> bool:
         return self.tracking_uri.startswith(("http://", "https://"))
+
+    @property
+    def host_local(self) -> bool:
+        """Whether only this host can reach the store: a SQLite or file store, or a loopback server."""
+        from urllib.parse import urlparse
+
+        if not self.is_remote:
+            return True
+        host = urlparse(self.tracking_uri).hostname or ""
+        return host in ("localhost", "::1") or host.startswith("127.")
 
     @property
     def _sqlite_path(self) -> Path | None:
@@ -273,6 +288,11 @@ class ModelRepository:
             from mlflow import MlflowClient
 
             db = self._sqlite_path
+            if db is not None and self.reader and not db.exists():
+                raise Unavailable(
+                    f"the model registry {self.tracking_uri} does not exist on this node ({socket.gethostname()}): a "
+                    "SQLite registry serves only the host it is on; run an MLflow server on the head (cluster.yaml "
+                    "starts one) and `edgebatch up` with MLFLOW_TRACKING_URI=http://<head>:5000")
             try:
                 if db is not None:
                     with self.node_lock(db.with_name(db.name + ".lock")):

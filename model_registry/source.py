@@ -38,7 +38,7 @@ class RegistryModelSource:
 
         self.config = config
         self.spare_cores = spare_cores
-        self.repo = ModelRepository(config.tracking_uri, state=state) if config.tracking_uri else ModelRepository.from_env(state)
+        self.repo = ModelRepository(config.tracking_uri or None, state=state, reader=True)
 
     def resolve(self) -> ResolvedModel:
         c = self.config

@@ -135,3 +135,19 @@ def test_docs_build_every_variant_the_example_names():
             assert any(f"--name {model.name} " in f"{c} " and backend_flag in c and f"--alias {alias}" in c
                        and (p.backend != "onnx" or "--backend" not in c) for c in commands), \
                 f"no documented build of {model.name} {p.backend} @{alias}"
+
+def test_head_runs_the_autoscaler_that_starts_every_listed_worker(cluster):
+    """Ray 2.50+'s `ray up` starts the v2 autoscaler, which counts the head towards min_workers (one
+    node type for head and workers), while prepare_config caps min_workers at len(worker_ips)."""
+    from ray.autoscaler._private.util import prepare_config
+
+    prepared = prepare_config(copy.deepcopy(cluster))
+    node_type = prepared["available_node_types"][prepared["head_node_type"]]
+    assert node_type["min_workers"] == len(cluster["provider"]["worker_ips"])  # no room to count the head
+    head_start = next(c for c in cluster["head_start_ray_commands"] if "--head" in c)
+    assert head_start.index("RAY_enable_autoscaler_v2=0") < head_start.index("ray start --head")
+
+
+def test_the_head_serves_the_registry_every_node_reads(cluster):
+    registry = next(c for c in cluster["head_start_ray_commands"] if "mlflow server" in c)
+    assert "--host 0.0.0.0 --port 5000" in registry and "/health" in registry  # started once, reachable

@@ -130,6 +130,7 @@ def _join_or_start(args: argparse.Namespace, state: StateDir, http_default: int)
 
 def cmd_up(args: argparse.Namespace) -> int:
     from deployments import config_file, launcher
+    from deployments.cluster import alive_node_ips, registry_reach_warning
     from deployments.status import direct_ingress_urls
     from model_registry import ModelRepository
     from model_registry.demo import ensure_demo_model
@@ -151,6 +152,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     http_default = int(config.get("http_options", {}).get("port", 8000))
     record, started = _join_or_start(args, state, http_default)
+    warning = registry_reach_warning(repo.tracking_uri, repo.host_local, *alive_node_ips())
+    if warning:
+        print(warning)
     try:
         assert record.ports is not None
         config = config_file.load_serve_config(args.config, state, port=record.ports.http)
