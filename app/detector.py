@@ -374,6 +374,7 @@ class Detector:
         self.post = Postprocessor(labels, thresholds_of(config))
         self._cpu = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
                                        thread_name_prefix="edgebatch-cpu")
+        self.batch_time_s = 0.0  # how long a batch takes here, as measured: an item must have this much left
 
     # -- lifecycle -------------------------------------------------------
     def variant_for(self, n: int) -> int:
@@ -430,6 +431,11 @@ class Detector:
         """Images whose header declares more pixels get a 400 before any pixel is decoded."""
         self.max_image_pixels = n
 
+    def set_batch_time_s(self, seconds: float) -> None:
+        """The measured time of one batch (the replica's running mean): an item whose deadline leaves less
+        than this when its batch starts would be answered late, so it is refused unrun instead."""
+        self.batch_time_s = max(0.0, float(seconds))
+
     # -- the batch handler ---------------------------------------------------
     def handle_batch(self, items: Sequence[DetectRequest]) -> list[ItemResult]:
         """Pre-process every item, run the engine once over the good rows, post-process, time it.
@@ -482,11 +488,12 @@ class Detector:
 
     def _prepare(self, item: DetectRequest) -> _Prepared:
         t0 = time.perf_counter()
-        if item.expires_at is not None and t0 > item.expires_at:  # its budget ran out in the queue: refuse, unrun
+        if item.expires_at is not None and t0 + self.batch_time_s > item.expires_at:  # it would be late: refuse, unrun
             waited = t0 - (item.enqueued_at or t0)
+            late = "past" if t0 > item.expires_at else f"too close to ({self.batch_time_s:.2f} s batches) finish within"
             return _Prepared(None, None, 0.0, Overloaded(
-                f"overloaded: waited {waited:.2f} s in the queue, past its {item.deadline_s or 0:.2f} s deadline; retry",
-                retry_after_s=1.0, queue={"waited_s": round(waited, 3)}))
+                f"overloaded: waited {waited:.2f} s in the queue, {late} its {item.deadline_s or 0:.2f} s deadline; retry",
+                retry_after_s=1.0, queue={"waited_s": round(waited, 3), "batch_s": round(self.batch_time_s, 4)}))
         try:
             tensor, letterbox = self._preprocess(item)
         except EdgebatchError as exc:

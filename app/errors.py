@@ -93,6 +93,10 @@ class Overloaded(EdgebatchError):
     def to_json(self) -> dict:
         return {"error": self.message, "retry_after_s": self.retry_after_s, "queue": self.queue}
 
+    def later(self, retry_after_s: float) -> Overloaded:
+        """The same refusal, telling the client to wait at least ``retry_after_s``."""
+        return Overloaded(self.message, retry_after_s=max(self.retry_after_s, retry_after_s), queue=self.queue)
+
 
 class ReplicaLost(EdgebatchError):
     """The replica that held a request died with it; another (or the restarted one) can take it again."""

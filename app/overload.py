@@ -86,8 +86,32 @@ def admit(state: QueueState, budget_s: float) -> None:
     drain_s = (state.waiting - fits) / state.capacity_items_s
     raise Overloaded(f"overloaded: {state.waiting} items wait ahead, served at {state.capacity_items_s:.1f} items/s "
                      f"this would take {wait:.2f} s, over the request's {budget_s:.2f} s deadline; retry after "
-                     f"{math.ceil(drain_s)} s or give a longer X-Request-Timeout", retry_after_s=drain_s,
+                     "Retry-After seconds or give a longer X-Request-Timeout", retry_after_s=drain_s,
                      queue=state.to_dict())
+
+
+class RefusedClients:
+    """The clients refused lately, as a queue they wait in on their own side: each refusal's
+    ``Retry-After`` is the time the ones refused before it take to be served at the measured rate.
+
+    A fixed Retry-After brings every refused client back at once: at 200 clients they came back
+    faster than the HTTP hops could refuse them, and refusals took most of a second. With tickets
+    the returns spread out and refusals settle near the service rate, whatever the number of clients.
+    """
+
+    def __init__(self, max_wait_s: float = 30.0) -> None:
+        self.max_wait_s = max_wait_s
+        self.backlog = 0.0  # refused clients not yet due back (the queue ahead of the next one refused)
+        self._at: float | None = None
+
+    def ticket(self, capacity_items_s: float | None, now: float) -> float:
+        """Seconds the client refused at ``now`` should wait (monotonic seconds in, at least 1 s out)."""
+        rate = capacity_items_s if capacity_items_s and capacity_items_s > 0 else 1.0
+        if self._at is not None:
+            self.backlog = max(0.0, self.backlog - rate * max(0.0, now - self._at))
+        self._at = now
+        self.backlog = min(self.backlog + 1.0, rate * self.max_wait_s)
+        return max(1.0, self.backlog / rate)
 
 
 class ServiceRate:
@@ -114,3 +138,74 @@ class ServiceRate:
         self.capacity_items_s = rate if self.capacity_items_s is None else (1 - a) * self.capacity_items_s + a * rate
         self.d_batch_s = d_batch_s if self.d_batch_s is None else (1 - a) * self.d_batch_s + a * d_batch_s
 
+
+
+class BusyRate:
+    """Items/s completed while the caller kept the service full, measured where the caller stands.
+
+    The detector's own rate counts only its batches; under overload the hops in front of it share
+    the same cores and the end-to-end rate is lower (about half at 200 clients on 2 cores). A window
+    counts when at least ``full_at`` items were outstanding on average over it (the service was
+    saturated, so completions/s is its capacity, not the offered load); stale after ``stale_s``.
+    """
+
+    def __init__(self, window_s: float = 1.0, alpha: float = 0.3, stale_s: float = 10.0) -> None:
+        self.window_s, self.alpha, self.stale_s = window_s, alpha, stale_s
+        self.value: float | None = None
+        self._measured_at = -1e9
+        self._start: float | None = None
+        self._done = 0
+        self._area = 0.0  # outstanding x seconds over the window
+        self._last = 0.0
+        self._outstanding = 0
+
+    def _advance(self, now: float) -> None:
+        if self._start is None:
+            self._start, self._last = now, now
+        self._area += self._outstanding * max(0.0, now - self._last)
+        self._last = now
+
+    def change(self, outstanding: int, now: float, *, completed: int = 0, full_at: int = 1) -> None:
+        """The outstanding count becomes ``outstanding`` at ``now``; ``completed`` items finished then."""
+        self._advance(now)
+        self._outstanding = outstanding
+        self._done += completed
+        span = now - self._start if self._start is not None else 0.0
+        if span < self.window_s:
+            return
+        if self._area / span >= full_at and self._done > 0:
+            rate = self._done / span
+            self.value = rate if self.value is None or now - self._measured_at > self.stale_s \
+                else (1 - self.alpha) * self.value + self.alpha * rate
+            self._measured_at = now
+        self._start, self._done, self._area = now, 0, 0.0
+
+    def current(self, now: float) -> float | None:
+        """The measured rate, or None when nothing saturated was measured in the last ``stale_s``."""
+        return self.value if self.value is not None and now - self._measured_at <= self.stale_s else None
+
+
+class HopReserve:
+    """The time a served item spends outside the detector's own stages (the hops to and from it, the
+    reply's serialisation, the event loop it waits on), as Jacobson's estimator for TCP's retransmit
+    timer: a smoothed mean plus four mean deviations. The gateway keeps that much of every budget
+    for the way back: admission and the detector's deadline use the rest."""
+
+    def __init__(self, alpha: float = 0.125, beta: float = 0.25, cap_s: float = 5.0) -> None:
+        self.alpha, self.beta, self.cap_s = alpha, beta, cap_s
+        self.mean_s: float | None = None
+        self.dev_s = 0.0
+
+    def observe(self, outside_s: float) -> None:
+        x = min(max(0.0, outside_s), self.cap_s)
+        if self.mean_s is None:
+            self.mean_s, self.dev_s = x, x / 2
+            return
+        self.dev_s = (1 - self.beta) * self.dev_s + self.beta * abs(x - self.mean_s)
+        self.mean_s = (1 - self.alpha) * self.mean_s + self.alpha * x
+
+    def reserve_s(self, budget_s: float) -> float:
+        """What to keep back from ``budget_s`` (never more than half of it: the rest must stay usable)."""
+        if self.mean_s is None:
+            return 0.0
+        return min(self.mean_s + 4 * self.dev_s, budget_s / 2)

@@ -22,6 +22,11 @@ from app.state import StateDir
 
 DEFAULT_CONFIG = Path(__file__).with_name("serve_config.yaml")
 DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+#: Ray passes call arguments and results under this size inline (gRPC between the two workers); larger
+#: ones go through the node's object store (raylet, shared memory, pinning). Ray's 100 KiB default puts
+#: every camera JPEG (about 130 KB at 1280x720) and every uint8 frame of 320x320 or more in the store: under
+#: 200 clients that halved the images/s served and tripled refusal latency (docs/reliability.md).
+INLINE_OBJECT_ENV = {"RAY_max_direct_call_object_size": str(4 << 20)}
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 # Apps that run on the head node unless their YAML names other resources: the detector of the
 # single-detector app, the batch controller, the streams ingress, the collectors' supervisor.
@@ -90,6 +95,7 @@ def instance_env(state: StateDir, direct_ingress: bool = False) -> dict[str, str
         "PYTHONPATH": PROJECT_ROOT,
         # OpenCV reads its allocation limit once, at `import cv2`: set before any replica decodes
         OPENCV_PIXELS_ENV: str(DEFAULT_MAX_IMAGE_PIXELS),
+        **INLINE_OBJECT_ENV,
     }
     if direct_ingress:
         env[DIRECT_INGRESS_ENV] = "1"

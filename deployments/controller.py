@@ -186,7 +186,8 @@ class DetectorControl:
     last_failure: dict[str, Any] | None = None
     last_observation: dict[str, Any] | None = None
     history: deque = field(default_factory=lambda: deque(maxlen=20))
-    operator_set: bool = False  # an operator chose the policy: a config change leaves it alone
+    operator_set: bool = False  # an operator chose the policy: it holds until the config names another policy
+    basis: dict[str, Any] = field(default_factory=dict)  # the config's policy when this control last took it
     pin: dict[str, Any] | None = None  # {"batch_size", "at", "by"} while an operator's fixed size holds
     applies: int = 0  # sizes this controller applied: a reading taken across one is stale
     applying: bool = False
@@ -194,7 +195,7 @@ class DetectorControl:
     def to_record(self) -> dict[str, Any]:
         """What an operator set and what was decided: the part that must outlive this replica."""
         return {"model": self.model, "app": self.app, "policy": self.policy, "params": dict(self.params),
-                "fps": self.fps, "operator_set": self.operator_set, "pin": self.pin,
+                "fps": self.fps, "operator_set": self.operator_set, "pin": self.pin, "basis": dict(self.basis),
                 "last_decision": self.last_decision, "last_failure": self.last_failure,
                 "history": list(self.history)}
 
@@ -205,8 +206,29 @@ class DetectorControl:
         self.fps = float(record.get("fps", self.fps))
         self.operator_set = bool(record.get("operator_set", False))
         self.pin = record.get("pin")
+        self.basis = dict(record.get("basis") or {})
         self.last_decision, self.last_failure = record.get("last_decision"), record.get("last_failure")
         self.history.extend(record.get("history") or [])
+
+    def take_config(self, config: ControllerConfig) -> bool:
+        """Follow the config's policy unless an operator chose one under this same config.
+
+        An operator's choice (``batch auto``/``set``/``manual``, the console) outlives a controller
+        restart and a config change that leaves the policy alone; a config that names another
+        policy, rate or parameters is the operator's newer word and wins, as a pin yields to a
+        new size from the Serve config. True when the control changed.
+        """
+        basis = config_basis(config)
+        if self.operator_set and self.basis == basis:
+            return False
+        overridden = self.operator_set
+        self.basis = basis
+        self.operator_set, self.pin = False, None
+        if (self.policy, self.params, self.fps) == (config.policy, dict(config.policy_params), config.stream_fps):
+            return overridden
+        self.policy, self.params, self.fps = config.policy, dict(config.policy_params), config.stream_fps
+        self.state, self.window = ControllerState(current=self.current), deque(maxlen=config.window)
+        return True
 
     def policy_config(self) -> PolicyConfig:
         sizes = self.allowed or (1, 2, 4, 8, 16)
@@ -238,6 +260,11 @@ class DetectorControl:
             "history": list(self.history),
             "measured_throughput": dict(self.state.throughput),
         }
+
+
+def config_basis(config: ControllerConfig) -> dict[str, Any]:
+    """The part of the controller's config an operator's own choice is weighed against."""
+    return {"policy": config.policy, "params": dict(config.policy_params), "fps": config.stream_fps}
 
 
 def check_policy(policy: str, params: dict[str, Any]) -> None:
@@ -285,14 +312,30 @@ class ControlLoop:
         if ctl is None:
             ctl = DetectorControl(model, app, self.config.policy, dict(self.config.policy_params), self.config.stream_fps)
             ctl.window = deque(maxlen=self.config.window)
+            ctl.basis = config_basis(self.config)
             saved = self._read_record(model)
             if saved is not None:
                 ctl.restore(saved)
-                if not ctl.operator_set:  # the config's policy rules every detector no operator set
-                    ctl.policy, ctl.params, ctl.fps = self.config.policy, dict(self.config.policy_params), self.config.stream_fps
+                self._take_config(ctl)
             self.controls[model] = ctl
         ctl.app = app
         return ctl
+
+    def apply_config(self) -> None:
+        """A new config: every control follows its policy, except where an operator chose under the same one."""
+        for ctl in self.controls.values():
+            self._take_config(ctl)
+
+    def _take_config(self, ctl: DetectorControl) -> None:
+        held = ctl.operator_set
+        if not ctl.take_config(self.config):
+            return
+        if held:
+            self._record(ctl, Decision(ctl.current or 0, "keep", f"the controller's config now names policy "
+                                       f"{ctl.policy}: it replaces the operator's earlier choice", "controller",
+                                       ctl.current or 0, code=ReasonCode.CONFIG_CHANGED))
+        else:
+            self._save(ctl)
 
     def _read_record(self, model: str) -> dict[str, Any] | None:
         if self.records is None:
@@ -356,7 +399,7 @@ class ControlLoop:
         pinned = ctl.pin["batch_size"] if ctl.pin else None
         ctl.pin = None
         ctl.policy, ctl.params, ctl.fps = self.config.policy, dict(self.config.policy_params), self.config.stream_fps
-        ctl.operator_set = False
+        ctl.operator_set, ctl.basis = False, config_basis(self.config)
         ctl.state, ctl.cursor = ControllerState(current=size), None
         ctl.window.clear()
         self._record(ctl, Decision(size, "keep", f"batch size changed to {size} outside the controller (a Serve config "
@@ -381,6 +424,7 @@ class ControlLoop:
         if ctl is None:
             raise KeyError(model)
         ctl.policy, ctl.params, ctl.operator_set = policy, dict(params), True
+        ctl.basis = config_basis(self.config)
         ctl.fps = float(params.get("fps", self.config.stream_fps))
         ctl.state = ControllerState(current=ctl.current)
         ctl.window.clear()
@@ -618,15 +662,12 @@ class BatchController(ControllerRoutes):
                                   "unset prometheus_url to read the detectors directly") from None
             promql = PromQLClient(config.prometheus_url, timeout_s=min(config.interval_s, 5.0)).query
         controls = self._loop.controls
-        for ctl in controls.values():  # the config's policy applies to every detector no operator set
-            if not ctl.operator_set and (ctl.policy, ctl.params, ctl.fps) != (config.policy, config.policy_params, config.stream_fps):
-                ctl.policy, ctl.params, ctl.fps = config.policy, dict(config.policy_params), config.stream_fps
-                ctl.state, ctl.window = ControllerState(current=ctl.current), deque(maxlen=config.window)
         self._config = config
         served = self._loop.served
         self._loop = ControlLoop(config, on_decision=self._export, sampler=_node_samples, promql=promql,
                                  records=self._records)
         self._loop.controls, self._loop.served = controls, served  # keep what operators set across a config change
+        self._loop.apply_config()
         self._ensure_running()
 
     def _ensure_running(self) -> None:

@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -171,6 +172,7 @@ class DetectorReplica:
         self._batch_size_changed_at = self._metrics.now()
         self._rate = ServiceRate()  # what the admission check drains the queue at
         self._replicas_seen = (-1e9, 1)  # (when, how many): for the gateway's admission
+        self._replicas_reading = threading.Lock()
 
     # -- configuration ------------------------------------------------------
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -393,6 +395,8 @@ class DetectorReplica:
             self._rate.observe(b.items, b.preprocess_s + b.inference_s + b.postprocess_s,
                                concurrent=self._detector.pool.instances if self._detector else 1,
                                now=time.monotonic(), backlog=waiting)
+            if self._detector is not None and self._rate.d_batch_s is not None:
+                self._detector.set_batch_time_s(self._rate.d_batch_s)
             variant_size = b.variant.batch_size if b.variant else 0
             self._metrics.record_batch(b.items, variant_size, b.queue_s, b.preprocess_s, b.inference_s,
                                        b.postprocess_s, waiting)
@@ -458,9 +462,12 @@ class DetectorReplica:
     def _running_replicas(self) -> int:
         """Serve's count of this deployment's RUNNING replicas, read at most every 5 s (a controller call)."""
         at, n = self._replicas_seen
-        if time.monotonic() - at > 5.0:
-            n = _running_replicas()
-            self._replicas_seen = (time.monotonic(), n)
+        if time.monotonic() - at > 5.0 and self._replicas_reading.acquire(blocking=False):
+            try:  # one thread asks the controller; the others keep the last count meanwhile
+                n = _running_replicas()
+                self._replicas_seen = (time.monotonic(), n)
+            finally:
+                self._replicas_reading.release()
         return n
 
     def ingress_settings(self) -> IngressSettings:

@@ -28,7 +28,7 @@ from app.constants import GATEWAY_DEPLOYMENT
 from app.detector import DetectRequest, ItemResult
 from app.errors import NotFound, Overloaded, ReplicaLost, Unavailable
 from app.oip import ModelSignature, encode_infer_response, model_metadata, server_metadata
-from app.overload import QueueState, admit, request_budget_s
+from app.overload import BusyRate, HopReserve, QueueState, RefusedClients, admit, request_budget_s
 from app.security.auth import TokenCheck
 from app.state import StateDir
 from deployments.console import ConsoleRoutes, ConsoleState
@@ -84,16 +84,29 @@ REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError)
 
 
 class _Cached:
-    """One value read from the detector, reused for ``SETTINGS_TTL_S`` (a swap shows within that)."""
+    """One value read from the detector, reused for ``SETTINGS_TTL_S`` (a swap shows within that).
+
+    Single-flight: when it is stale, one read goes out and every request arriving meanwhile awaits
+    that same read (under load, hundreds of requests would otherwise each send their own).
+    """
 
     def __init__(self) -> None:
         self.value: Any = None
         self.at = -1e9
+        self._reading: asyncio.Future | None = None
 
     async def get(self, read) -> Any:
-        if time.monotonic() - self.at > SETTINGS_TTL_S:
-            self.value, self.at = await read(), time.monotonic()
-        return self.value
+        if time.monotonic() - self.at <= SETTINGS_TTL_S:
+            return self.value
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(read())
+            self._reading.add_done_callback(self._done)
+        return await asyncio.shield(self._reading)
+
+    def _done(self, reading: asyncio.Future) -> None:
+        self._reading = None
+        if not reading.cancelled() and reading.exception() is None:
+            self.value, self.at = reading.result(), time.monotonic()
 
 
 @serve.deployment(name=GATEWAY_DEPLOYMENT, max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0})
@@ -110,6 +123,9 @@ class DetectorGateway(RegistryRoutes, ConsoleRoutes):
         self._settings, self._signature_cache = _Cached(), _Cached()
         self.counters = {"replica_lost": 0, "retried": 0, "overloaded": 0, "refused_here": 0}
         self.outstanding = 0  # items sent to detectors and not answered yet
+        self._refused = RefusedClients()  # when each refused client should come back
+        self._busy = BusyRate()  # the end-to-end rate while the detectors were kept full
+        self._hops = HopReserve()  # what served items spent outside the detector's stages
 
     # -- what the detector says ---------------------------------------------------------
     async def _call(self, method: str, *args: Any) -> Any:
@@ -136,21 +152,47 @@ class DetectorGateway(RegistryRoutes, ConsoleRoutes):
     async def detect(self, item: DetectRequest, budget_s: float) -> ItemResult:
         """``item`` to a detector replica within ``budget_s``; a replica lost under it costs one retry
         (Serve routes it to another replica, or waits for the restarted one) while time is left."""
-        deadline = time.monotonic() + budget_s
-        self._admit(budget_s)
-        self.outstanding += 1
+        start = time.monotonic()
+        usable = budget_s - self._hops.reserve_s(budget_s)  # the rest is kept for the way back
         try:
-            return await self._detect(item, deadline, budget_s)
-        finally:
-            self.outstanding -= 1
+            self._admit(usable)
+            self._track(+1)
+            served = 0
+            try:
+                result = await self._detect(item, start + usable, budget_s)
+                served = 1
+            finally:
+                self._track(-1, completed=served)
+        except Overloaded as refused:  # its place among the clients refused lately sets its Retry-After
+            raise refused.later(self._refused.ticket(self._capacity(), time.monotonic())) from None
+        took = time.monotonic() - start
+        t = result.timings
+        self._hops.observe(took - (t.queue_s + t.preprocess_s + t.inference_s + t.postprocess_s))
+        return result
+
+    def _track(self, delta: int, completed: int = 0) -> None:
+        self.outstanding += delta
+        s: IngressSettings | None = self._settings.value
+        self._busy.change(self.outstanding, time.monotonic(), completed=completed,
+                          full_at=s.queue.max_batch_size if s else 1)
+
+    def _capacity(self) -> float | None:
+        """Items/s all detector replicas serve, end to end: measured here while they were kept full, else
+        what the detector measured of its own batches (times its running replicas)."""
+        here = self._busy.current(time.monotonic())
+        if here is not None:
+            return here
+        s: IngressSettings | None = self._settings.value
+        return s.queue.capacity_items_s * s.running_replicas if s and s.queue.capacity_items_s else None
 
     def _admit(self, budget_s: float) -> None:
         """Refuse here, without a hop, what the detectors cannot serve in time: this gateway's outstanding
-        items drained at the rate the detector measured (the detector checks again with its own queue)."""
+        items drained at the end-to-end rate (the detector checks again with its own queue)."""
         s: IngressSettings | None = self._settings.value
-        if s is None or s.queue.capacity_items_s is None:
+        capacity = self._capacity()
+        if s is None or capacity is None:
             return  # nothing measured yet: the detector's cold bound decides
-        ours = QueueState(waiting=self.outstanding, capacity_items_s=s.queue.capacity_items_s * s.running_replicas,
+        ours = QueueState(waiting=self.outstanding, capacity_items_s=capacity,
                           d_batch_s=s.queue.d_batch_s, max_batch_size=s.queue.max_batch_size,
                           concurrent_batches=s.queue.concurrent_batches)
         try:
@@ -194,10 +236,12 @@ class DetectorGateway(RegistryRoutes, ConsoleRoutes):
     # -- /v1 ---------------------------------------------------------------------------------
     @api.post("/v1/detect", responses=error_responses(400, 401, 413, 503), openapi_extra=DETECT_BODY)
     async def v1_detect(self, request: Request) -> Response:
+        start = time.perf_counter()
         body, s = await self._body(request)
         budget = request_budget_s(request.headers, None, default_s=s.deadline_s, max_s=s.max_deadline_s)
         result = await self.detect(DetectRequest.encoded(body), budget)
-        return Response(orjson.dumps(result.to_json()), media_type="application/json")  # orjson: 25x cheaper than json.dumps here
+        return Response(orjson.dumps(result.to_json()), media_type="application/json",  # orjson: 25x cheaper than json.dumps
+                        headers={"Server-Timing": f"gateway;dur={(time.perf_counter() - start) * 1000:.1f}"})
 
     @api.get("/v1/models")
     async def v1_models(self) -> dict:
@@ -206,7 +250,10 @@ class DetectorGateway(RegistryRoutes, ConsoleRoutes):
     @api.get("/v1/info")
     async def v1_info(self) -> dict:
         info = (await self._call("info")).to_dict()
-        info["gateway"] = dict(self.counters)
+        rate = self._busy.current(time.monotonic())
+        info["gateway"] = {**self.counters,
+                           "busy_rate_items_s": None if rate is None else round(rate, 2),
+                           "hop_reserve_s": round(self._hops.reserve_s(3600.0), 4)}
         return info
 
     # -- /v2: Open Inference Protocol (KServe / Triton HTTP) -------------------------------------

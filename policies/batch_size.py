@@ -64,6 +64,7 @@ class ReasonCode(StrEnum):
     POLICY_SET = "policy_set"  # `edgebatch batch auto`
     MANUAL = "manual"  # `edgebatch batch manual`: observe only
     PIN_CLEARED = "pin_cleared"  # the size changed outside the controller (Serve config): the pin yields
+    CONFIG_CHANGED = "config_changed"  # the controller's config names another policy: it replaces the operator's
     MODEL_CHANGED = "model_changed"  # the detector now serves another model: its state starts afresh
 
 

@@ -187,9 +187,27 @@ def _text(driver, css: str) -> str:
 
 
 def _until(driver, predicate, what: str, timeout_s: float = 90):
+    """Poll ``predicate`` until truthy; the live page re-renders its lists, so an element read while it is
+    replaced (stale) just means: look again."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout_s, poll_frequency=0.25).until(lambda d: predicate(d), message=what)
+    return WebDriverWait(driver, timeout_s, poll_frequency=0.25,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(lambda d: predicate(d), message=what)
+
+
+def _click_when_there(driver, css: str, what: str) -> None:
+    """Find and click in one step, again if the live list replaced the element in between."""
+    from selenium.webdriver.common.by import By
+
+    def clicked(d):
+        found = d.find_elements(By.CSS_SELECTOR, css)
+        if not found:
+            return False
+        found[0].click()
+        return True
+
+    _until(driver, clicked, what)
 
 
 def _tab(driver, view: str) -> None:
@@ -348,7 +366,6 @@ def test_console_shows_the_instance_and_its_actions_take_effect(browser, console
 
     # the stream added in the console is removed there too
     _tab(d, "streams")
-    _until(d, lambda d: d.find_elements(By.CSS_SELECTOR, 'button.stream-remove[data-stream="dock"]'), "the remove button")
-    d.find_element(By.CSS_SELECTOR, 'button.stream-remove[data-stream="dock"]').click()
+    _click_when_there(d, 'button.stream-remove[data-stream="dock"]', "the remove button")
     _until(d, lambda d: "stream dock removed" in _text(d, "#stream-message"), "the removal")
     assert httpx.get(f"{base}/v1/streams/dock", timeout=30).status_code == 404

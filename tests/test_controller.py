@@ -543,7 +543,8 @@ def test_controller_deployment_decides_with_a_reason_and_pins_on_request(serve_a
             def decided():
                 status = controller.status.remote().result(timeout_s=30)
                 d = status["detectors"].get("demo-detector", {})
-                return d.get("reason") if d.get("policy") == "throughput_aware" and d.get("action") else None
+                by_policy = (d.get("last_decision") or {}).get("policy") == "throughput_aware"  # not a config_changed note
+                return d.get("reason") if d.get("policy") == "throughput_aware" and by_policy else None
 
             st = wait_for(decided, 150, "a controller decision with a reason")
         status = controller.status.remote().result(timeout_s=30)["detectors"]["demo-detector"]
@@ -698,6 +699,41 @@ def test_a_restarted_controller_keeps_the_operators_policy_and_pin():
     assert st["pinned"]["policy"] == "fixed" and st["pinned"]["pin"]["batch_size"] == 8
     assert other.size == 8
     assert [h["reason_code"] for h in st["pinned"]["history"]][-1] in ("pinned", "fixed")  # history came back too
+
+
+def test_a_config_naming_another_policy_replaces_the_operators_earlier_choice():
+    """CI failure (2026-12-02): the console test left an operator's `manual` in the GCS record, and a later
+    deploy of the controller with `throughput_aware` never decided. An operator's choice outlives a restart
+    under the same config; a config that names another policy is the newer word (as a pin yields to a new
+    size from the Serve config), on a restart and on a live reconfigure alike."""
+    from tests.fakes.records import DictRecords
+
+    records = DictRecords()
+    first = ControlLoop(ControllerConfig(policy="manual"), records=records)
+    det = SwitchableDetector(size=2, model="m")
+    asyncio.run(first.tick({"app": det}))
+    _call(first.pin("m", 4, {"app": det}))
+
+    same = ControlLoop(ControllerConfig(policy="manual", interval_s=5.0), records=records)  # restart, same policy
+    asyncio.run(same.tick({"app": det}))
+    assert same.status()["detectors"]["m"]["pin"]["batch_size"] == 4
+
+    newer = ControlLoop(ControllerConfig(policy="throughput_aware"), records=records)  # restart, another policy
+    asyncio.run(newer.tick({"app": det}))
+    st = newer.status()["detectors"]["m"]
+    assert st["policy"] == "throughput_aware" and st["pin"] is None
+    assert any(h["reason_code"] == "config_changed" for h in st["history"])
+    assert records.get("m")["policy"] == "throughput_aware"
+
+    newer.set_policy("m", "aimd", {})  # live: the operator chooses, then a config with another policy arrives
+    newer.config = ControllerConfig(policy="throughput_aware", stream_fps=15.0)
+    newer.apply_config()
+    st = newer.status()["detectors"]["m"]
+    assert st["policy"] == "throughput_aware" and st["stream_fps"] == 15.0
+    newer.set_policy("m", "aimd", {})
+    newer.config = ControllerConfig(policy="throughput_aware", stream_fps=15.0, interval_s=9.0)
+    newer.apply_config()  # the policy part is unchanged: the operator's choice holds
+    assert newer.status()["detectors"]["m"]["policy"] == "aimd"
 
 
 def test_a_detector_that_was_away_comes_back_with_its_policy():

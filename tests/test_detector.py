@@ -240,3 +240,9 @@ def test_an_item_whose_deadline_passed_in_the_queue_is_refused_unrun(scenes):
     assert "past its 3.00 s deadline" in refused.error.message and refused.detections is None
     assert served.error is None and served.detections
     assert served.batch.variant is not None and served.batch.items == 2
+
+    det.set_batch_time_s(2.0)  # batches take 2 s here: 1 s left cannot be enough, so it is refused unrun too
+    soon = dataclasses.replace(DetectRequest.encoded(scenes[0][1]), enqueued_at=time.perf_counter(), deadline_s=3.0,
+                               expires_at=time.perf_counter() + 1.0)
+    (refused,) = det.handle_batch([soon])
+    assert isinstance(refused.error, Overloaded) and "too close to" in refused.error.message

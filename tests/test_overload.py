@@ -62,3 +62,50 @@ def test_the_drain_rate_is_the_gap_between_batches_while_items_wait():
     assert rate.capacity_items_s == pytest.approx(80.0)
     rate.observe(0, 0.0, concurrent=1, now=10.2, backlog=30)  # nothing ran: ignored
     assert rate.capacity_items_s == pytest.approx(80.0)
+
+
+def test_refused_clients_are_told_to_come_back_one_after_another():
+    """Before: every refusal said Retry-After 1, so at 200 clients they all came back together, faster
+    than the HTTP hops could refuse them (refusals took 0.9-2.7 s). Each refusal now waits for the ones
+    refused before it to be served at the measured rate."""
+    from app.overload import RefusedClients
+
+    queue = RefusedClients(max_wait_s=30)
+    waits = [queue.ticket(40.0, now=100.0) for _ in range(200)]  # 200 refused in one instant, 40 items/s
+    assert waits[0] == 1.0 and waits[-1] == pytest.approx(5.0)  # the 200th waits 200 / 40 s
+    assert waits == sorted(waits)
+    assert queue.ticket(40.0, now=105.0) == 1.0  # 5 s later the queue of refused clients has drained
+    assert RefusedClients(max_wait_s=3).ticket(None, now=0.0) == 1.0  # nothing measured: 1 item/s, at least 1 s
+    capped = RefusedClients(max_wait_s=3)
+    assert max(capped.ticket(1.0, now=0.0) for _ in range(50)) == 3.0
+    from app.errors import Overloaded
+
+    later = Overloaded("overloaded: x", retry_after_s=1.0, queue={"waiting": 3}).later(4.2)
+    assert later.headers["Retry-After"] == "5" and later.queue == {"waiting": 3}
+
+
+def test_the_gateway_keeps_back_what_the_hops_take():
+    from app.overload import HopReserve
+
+    hops = HopReserve()
+    assert hops.reserve_s(1.0) == 0.0  # nothing served yet
+    for x in [0.05] * 50:
+        hops.observe(x)
+    assert 0.05 <= hops.reserve_s(1.0) < 0.06  # steady hops: about their mean
+    for x in [0.05, 0.25] * 20:
+        hops.observe(x)
+    assert hops.reserve_s(1.0) > 0.25  # jittery hops: mean plus four deviations
+    assert hops.reserve_s(0.2) == 0.1  # never more than half the budget
+
+
+def test_the_gateway_rate_counts_only_windows_that_kept_the_service_full():
+    from app.overload import BusyRate
+
+    rate = BusyRate(window_s=1.0, alpha=1.0, stale_s=10.0)
+    rate.change(1, now=0.0)  # one item at a time for 1 s: offered load, not capacity
+    rate.change(0, now=1.0, completed=1, full_at=8)
+    assert rate.current(1.0) is None
+    rate.change(16, now=2.0, full_at=8)  # 16 outstanding for a second, 30 done in it
+    rate.change(16, now=3.0, completed=30, full_at=8)
+    assert rate.current(3.0) == pytest.approx(30.0)
+    assert rate.current(14.0) is None  # stale: the load went away

@@ -28,6 +28,7 @@ class LoadResult:
     errors: dict[str, int] = field(default_factory=dict)
     refused: int = 0  # 503s: shed by the server's deadline admission (also counted in failed)
     refused_latencies_s: list[float] = field(default_factory=list)
+    server_latencies_s: list[float] = field(default_factory=list)  # the server's own time (Server-Timing), if sent
     timeline: list[tuple[float, float, int]] = field(default_factory=list)  # (t_done, latency, status)
 
     @property
@@ -65,6 +66,20 @@ def v2_bytes_body(data: bytes, input_name: str = "image", output_name: str = "de
     return h + payload, {"Inference-Header-Content-Length": str(len(h)), "Content-Type": "application/octet-stream"}
 
 
+def server_timing_s(header: str | None) -> float | None:
+    """Seconds of the first ``dur`` in a ``Server-Timing`` header (``gateway;dur=12.5`` is 0.0125)."""
+    if not header:
+        return None
+    for part in header.split(",")[0].split(";")[1:]:
+        key, _, value = part.strip().partition("=")
+        if key == "dur":
+            try:
+                return float(value) / 1000.0
+            except ValueError:
+                return None
+    return None
+
+
 async def _run(url: str, bodies: Sequence[tuple[bytes, dict[str, str]]], clients: int, duration_s: float,
                warmup_s: float, max_requests: int | None, timeout_s: float, backoff: bool = False) -> LoadResult:
     import aiohttp
@@ -88,12 +103,13 @@ async def _run(url: str, bodies: Sequence[tuple[bytes, dict[str, str]]], clients
                 i += clients
                 start = time.perf_counter()
                 status = 0
-                retry_after = None
+                retry_after = server_s = None
                 try:
                     async with session.post(url, data=body, headers=headers) as resp:
                         await resp.read()
                         status = resp.status
                         retry_after = resp.headers.get("Retry-After")
+                        server_s = server_timing_s(resp.headers.get("Server-Timing"))
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     key = type(exc).__name__
                     if start >= t_measure:
@@ -107,6 +123,8 @@ async def _run(url: str, bodies: Sequence[tuple[bytes, dict[str, str]]], clients
                     if status == 200:
                         result.ok += 1
                         result.latencies_s.append(done - start)
+                        if server_s is not None:
+                            result.server_latencies_s.append(server_s)
                     else:
                         result.failed += 1
                         result.errors[f"HTTP {status}"] = result.errors.get(f"HTTP {status}", 0) + 1
