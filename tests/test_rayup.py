@@ -209,7 +209,12 @@ def test_edgebatch_up_on_the_head_serves_from_a_replica_on_a_worker(lan_cluster)
         except requests.RequestException:
             return False
 
-    wait_for(registry_up, 180, "the MLflow registry that cluster.yaml starts on the head", interval_s=1)
+    try:
+        wait_for(registry_up, 180, "the MLflow registry that cluster.yaml starts on the head", interval_s=1)
+    except AssertionError as exc:  # keep what the server said (a fourth run failed here and its log was lost)
+        log = head.home / ".edgebatch" / "logs" / "mlflow-server.log"
+        tail = log.read_text(errors="replace")[-4000:] if log.exists() else f"{log} does not exist"
+        raise AssertionError(f"{exc}\n--- {log}:\n{tail}\n--- ray up:\n{lan_cluster['up_output'][-3000:]}") from None
     # cluster.yaml's steps on the head (rayup-serve.yaml came with the checkout's file mount)
     t0 = time.monotonic()
     up = ray_cli(lan_cluster, "exec", "rayup-cluster.yaml",
