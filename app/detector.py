@@ -14,13 +14,14 @@ batch is routed to it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,7 +30,7 @@ import numpy as np
 from app.config import DetectorConfig
 from app.engines.base import Engine, ModelVariant, run_padded
 from app.errors import BadRequest, EdgebatchError, Overloaded, PayloadTooLarge, Unavailable
-from app.pipeline import Detection, Letterbox, Postprocessor, PostprocessSettings, prepare, to_input
+from app.pipeline import Detection, Letterbox, Postprocessor, PostprocessSettings, PreparedImage, prepare, to_input
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +250,9 @@ class DetectRequest:
     enqueued_at: float | None = None  # perf_counter() when it entered the replica's batcher
     deadline_s: float | None = None  # the caller's time budget left when it sent the item
     expires_at: float | None = None  # perf_counter() past which the replica refuses it unrun
+    #: decoded and letterboxed ahead of its batch (``Detector.prepare_ahead``), with the seconds that took;
+    #: ``data`` stays, so a model swapped in with another input size prepares it again
+    ahead: PreparedAhead | None = None
 
     @classmethod
     def encoded(cls, body: bytes) -> DetectRequest:
@@ -265,6 +269,14 @@ class DetectRequest:
     @classmethod
     def tensor(cls, row: np.ndarray) -> DetectRequest:
         return cls("tensor", row)
+
+
+@dataclass(frozen=True)
+class PreparedAhead:
+    """An encoded item's pre-processing done while it waited for an engine, not inside its batch."""
+
+    image: PreparedImage
+    preprocess_s: float
 
 
 @dataclass(frozen=True)
@@ -486,6 +498,22 @@ class Detector:
         check_batch_results(items, results)
         return results
 
+    def prepare_ahead(self, item: DetectRequest) -> DetectRequest:
+        """Decode and letterbox an encoded image before its batch forms (in the replica, while the engine
+        runs the batch before it), so the batch itself only normalises and infers. An image that cannot
+        be decoded raises its 4xx here; other kinds come back as they are."""
+        if item.kind != "encoded" or item.ahead is not None:
+            return item
+        t0 = time.perf_counter()
+        if len(item.data) > self.max_body_bytes:
+            raise self._too_large(item)
+        image = prepare(item.data, self.input_size, max_pixels=self.max_image_pixels)
+        return dataclasses.replace(item, ahead=PreparedAhead(image, time.perf_counter() - t0))
+
+    def submit_prepare_ahead(self, item: DetectRequest) -> Future[DetectRequest]:
+        """``prepare_ahead`` in this detector's CPU pool (the one its batches decode in)."""
+        return self._cpu.submit(self.prepare_ahead, item)
+
     def _prepare(self, item: DetectRequest) -> _Prepared:
         t0 = time.perf_counter()
         if item.expires_at is not None and t0 + self.batch_time_s > item.expires_at:  # it would be late: refuse, unrun
@@ -498,7 +526,8 @@ class Detector:
             tensor, letterbox = self._preprocess(item)
         except EdgebatchError as exc:
             return _Prepared(None, None, time.perf_counter() - t0, exc)
-        return _Prepared(tensor, letterbox, time.perf_counter() - t0)
+        ahead_s = item.ahead.preprocess_s if item.ahead is not None else 0.0
+        return _Prepared(tensor, letterbox, time.perf_counter() - t0 + ahead_s)
 
     def _preprocess(self, item: DetectRequest) -> tuple[np.ndarray, Letterbox | None]:
         if item.kind == "tensor":
@@ -514,13 +543,16 @@ class Detector:
                 raise BadRequest(f"letterboxed image is {image.dtype} {list(image.shape)}; this model takes "
                                  f"uint8 {list(want)}")
             return image, None
+        if item.ahead is not None and item.ahead.image.image.shape[:2] == tuple(self.input_size):
+            return item.ahead.image.image, item.ahead.image.letterbox
         if item.kind == "encoded" and len(item.data) > self.max_body_bytes:
-            raise PayloadTooLarge(
-                f"body of {len(item.data)} bytes exceeds max_body_bytes={self.max_body_bytes}; "
-                "send a smaller image or raise max_body_bytes in the deployment's user_config"
-            )
+            raise self._too_large(item)
         prepared = prepare(item.data, self.input_size, max_pixels=self.max_image_pixels)
         return prepared.image, prepared.letterbox
+
+    def _too_large(self, item: DetectRequest) -> PayloadTooLarge:
+        return PayloadTooLarge(f"body of {len(item.data)} bytes exceeds max_body_bytes={self.max_body_bytes}; "
+                               "send a smaller image or raise max_body_bytes in the deployment's user_config")
 
     def predict(self, batch: np.ndarray) -> tuple[np.ndarray, LoadedVariant]:
         """Run the batch; returns the output and the (largest) variant that ran it."""

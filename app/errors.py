@@ -40,16 +40,21 @@ class Unavailable(EdgebatchError):
     status = 503
 
 
-class RetryLater(Unavailable):
-    """503 with ``Retry-After``: nothing can serve now, and the client needs to change nothing to retry."""
+class RetryLater(EdgebatchError):
+    """503 with ``Retry-After``: nothing can serve this now, and the same request may be sent again,
+    unchanged, after ``retry_after_s`` (whole seconds, rounded up: RFC 9110). The subclasses say why:
+    ``Overloaded`` (it could not be served within its deadline) and ``ReplicaLost`` (the replica
+    holding it died). The body always has ``retry: true`` and ``retry_after_s``."""
 
-    def __init__(self, message: str, retry_after_s: int) -> None:
+    status = 503
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
-        self.retry_after_s = retry_after_s
-        self.headers = {"Retry-After": str(retry_after_s)}
+        self.retry_after_s = max(1, int(-(-retry_after_s // 1)))
+        self.headers = {"Retry-After": str(self.retry_after_s)}
 
     def to_json(self) -> dict:
-        return {"error": self.message, "retry_after_s": self.retry_after_s}
+        return {"error": self.message, "retry": True, "retry_after_s": self.retry_after_s}
 
 
 class ConfigError(EdgebatchError):
@@ -78,35 +83,21 @@ class TooManyRequests(EdgebatchError):
     status = 429
 
 
-class Overloaded(EdgebatchError):
+class Overloaded(RetryLater):
     """Refused at once because it could not be served before its deadline (load shedding): the reply
     names the queue it would have joined and tells the client when to come back (``Retry-After``)."""
 
-    status = 503
-
     def __init__(self, message: str, *, retry_after_s: float = 1.0, queue: dict | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_s = max(1, int(-(-retry_after_s // 1)))  # whole seconds, rounded up (RFC 9110)
+        super().__init__(message, retry_after_s=retry_after_s)
         self.queue = dict(queue or {})
-        self.headers = {"Retry-After": str(self.retry_after_s)}
 
     def to_json(self) -> dict:
-        return {"error": self.message, "retry_after_s": self.retry_after_s, "queue": self.queue}
+        return {**super().to_json(), "queue": self.queue}
 
     def later(self, retry_after_s: float) -> Overloaded:
         """The same refusal, telling the client to wait at least ``retry_after_s``."""
         return Overloaded(self.message, retry_after_s=max(self.retry_after_s, retry_after_s), queue=self.queue)
 
 
-class ReplicaLost(EdgebatchError):
+class ReplicaLost(RetryLater):
     """The replica that held a request died with it; another (or the restarted one) can take it again."""
-
-    status = 503
-
-    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = max(1, int(-(-retry_after_s // 1)))
-        self.headers = {"Retry-After": str(self.retry_after_s)}
-
-    def to_json(self) -> dict:
-        return {"error": self.message, "retry": True, "retry_after_s": self.retry_after_s}

@@ -8,8 +8,9 @@ is, one deployment per placement.
 
 Every caller (HTTP v1 and v2, stream readers, the tenancy router) submits ``DetectRequest``
 items with ``detect``; ``@serve.batch`` forms batches across all of them and runs the core's
-``handle_batch`` in a thread, up to ``engine_instances + 1`` batches at once: one more than
-there are engines, so the next batch decodes its images while the engine runs the current one.
+``handle_batch`` in a thread, one batch per engine instance at once. An encoded image is decoded and
+letterboxed when it arrives (``Detector.prepare_ahead``), while the engine runs the batch before it,
+and a ``BatchGate`` seals each batch only when an engine can start it, with everything that waited.
 """
 
 from __future__ import annotations
@@ -66,36 +67,102 @@ class ExportedMetrics:
         self.drops = metrics.Counter("edgebatch_dropped_total", description="requests or frames dropped", tag_keys=("model", "reason"))
 
 
+class BatchGate:
+    """Holds items back from Serve's batcher while every engine slot is taken.
+
+    ``@serve.batch`` seals a batch as soon as its wait timeout passes and only then queues it for its
+    concurrency semaphore, so under load it seals batches of one or two that wait behind the running
+    one (measured: mean batch 1.0-1.7 with two 30 fps streams). Behind this gate, no more items wait
+    inside Serve's batcher than the free slots can start at once: the others wait here, and when a
+    batch ends they go in together and form the next batch, as large as the backlog allows.
+    """
+
+    def __init__(self, max_batch_size: int, slots: int) -> None:
+        self.max_batch_size = max_batch_size
+        self.slots = slots
+        self.running = 0  # batches started and not ended
+        self._inside: set[int] = set()  # items (by id) in Serve's batcher whose batch has not started
+        self._waiters: dict[int, asyncio.Future] = {}  # in arrival order
+
+    def _room(self) -> bool:
+        return len(self._inside) < self.max_batch_size * max(0, self.slots - self.running)
+
+    async def enter(self, key: int) -> None:
+        """Wait (first come, first served) until the item may go into Serve's batcher."""
+        if not self._waiters and self._room():
+            self._inside.add(key)
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters[key] = waiter
+        await waiter  # cancelled: ``leave`` (the caller's finally) forgets the key
+
+    def leave(self, key: int) -> None:
+        """The item is done (answered, failed or cancelled): if no batch took it, it frees its place."""
+        self._inside.discard(key)
+        self._waiters.pop(key, None)
+        self._wake()
+
+    def started(self, keys: list[int]) -> None:
+        self._inside.difference_update(keys)
+        self.running += 1
+        self._wake()
+
+    def ended(self) -> None:
+        self.running -= 1
+        self._wake()
+
+    def set_limits(self, max_batch_size: int, slots: int) -> None:
+        self.max_batch_size, self.slots = max_batch_size, slots
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self._room():
+            key = next(iter(self._waiters))
+            waiter = self._waiters.pop(key)
+            if not waiter.done():
+                self._inside.add(key)
+                waiter.set_result(None)
+
+
 class Batcher:
-    """Serve's ``@serve.batch`` around the replica's batch handler; the one owner of the batch size,
-    the wait timeout and the number of concurrent batches."""
+    """Serve's ``@serve.batch`` around the replica's batch handler, behind a ``BatchGate``; the one owner
+    of the batch size, the wait timeout and the number of concurrent batches."""
 
     def __init__(self, handler: Callable[[list[DetectRequest]], Awaitable[list[ItemResult]]], *,
-                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.005, max_concurrent_batches: int = 2) -> None:
+                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.005, max_concurrent_batches: int = 1) -> None:
         self._handler = handler
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.max_concurrent_batches = max_concurrent_batches
         self.waiting = 0  # items handed to the batcher and not yet in a batch
+        self.gate = BatchGate(max_batch_size, max_concurrent_batches)
         self._batched = self._make()
 
     def _make(self) -> Callable[[DetectRequest], Awaitable[ItemResult]]:
         async def handle(items: list[DetectRequest]) -> list[ItemResult]:
-            return await self._handler(items)
+            self.gate.started([id(it) for it in items])
+            try:
+                return await self._handler(items)
+            finally:
+                self.gate.ended()
 
         return serve.batch(max_batch_size=self.max_batch_size, batch_wait_timeout_s=self.batch_wait_timeout_s,
                            max_concurrent_batches=self.max_concurrent_batches)(handle)
 
     async def submit(self, item: DetectRequest) -> ItemResult:
         self.waiting += 1
+        key = id(item)
         try:
+            await self.gate.enter(key)
             return await self._batched(item)
         finally:
+            self.gate.leave(key)
             self.waiting -= 1
 
     def set_max_batch_size(self, n: int) -> None:
         self.max_batch_size = n
         self._batched.set_max_batch_size(n)
+        self.gate.set_limits(n, self.max_concurrent_batches)
 
     def set_batch_wait_timeout_s(self, seconds: float) -> None:
         self.batch_wait_timeout_s = seconds
@@ -107,6 +174,7 @@ class Batcher:
         if n != self.max_concurrent_batches:
             self.max_concurrent_batches = n
             self._batched = self._make()
+            self.gate.set_limits(self.max_batch_size, n)
 
 
 def _running_replicas() -> int:
@@ -153,7 +221,7 @@ class DetectorReplica:
 
     def __init__(self) -> None:
         self._state = StateDir.default()
-        self._batch_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="edgebatch-batch")
+        self._batch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgebatch-batch")
         self.batcher = Batcher(self._run_batch)
         self._detector: Detector | None = None
         self._model: ResolvedModel | None = None
@@ -173,6 +241,7 @@ class DetectorReplica:
         self._rate = ServiceRate()  # what the admission check drains the queue at
         self._replicas_seen = (-1e9, 1)  # (when, how many): for the gateway's admission
         self._replicas_reading = threading.Lock()
+        self._preparing = 0  # items being decoded ahead of the batcher
 
     # -- configuration ------------------------------------------------------
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -343,7 +412,7 @@ class DetectorReplica:
         raise Unavailable("the model was swapped several times under this batch; retry")
 
     def queue_state(self) -> QueueState:
-        return QueueState(waiting=self.batcher.waiting, capacity_items_s=self._rate.capacity_items_s,
+        return QueueState(waiting=self.batcher.waiting + self._preparing, capacity_items_s=self._rate.capacity_items_s,
                           d_batch_s=self._rate.d_batch_s, max_batch_size=self.batcher.max_batch_size,
                           concurrent_batches=self.batcher.max_concurrent_batches)
 
@@ -360,6 +429,7 @@ class DetectorReplica:
             admit(self.queue_state(), budget)
             now = time.perf_counter()
             item = dataclasses.replace(request, enqueued_at=now, deadline_s=budget, expires_at=now + budget)
+            item = await self._prepare_ahead(item)
             return (await self.batcher.submit(item)).unwrap()
         except Overloaded:
             self._counters["refused"] += 1
@@ -373,6 +443,18 @@ class DetectorReplica:
             self._counters["errors"] += 1
             self._record_drop("internal")
             raise
+
+    async def _prepare_ahead(self, item: DetectRequest) -> DetectRequest:
+        """Decode an encoded image now, in the detector's CPU pool, while the engine runs other batches."""
+        if item.kind != "encoded":
+            return item
+        self._preparing += 1
+        try:
+            return await asyncio.wrap_future(self._require_detector().submit_prepare_ahead(item))
+        except RuntimeError:  # that detector was closed by a swap meanwhile: its batch prepares it
+            return item
+        finally:
+            self._preparing -= 1
 
     async def detect_placed(self, request: DetectRequest) -> PlacedResult:
         """``detect`` for the tenancy router, which also reports which placement and node served it."""

@@ -256,7 +256,7 @@ class ModelRouter:
         if not live:
             raise RetryLater(f"model '{model}': no placement has a running replica ("
                              + "; ".join(self._why_down(r) for r in rows) + "); see `edgebatch status`",
-                             self._retry_after_s)
+                             retry_after_s=self._retry_after_s)
         now = time.monotonic()
         up = [r for r in live if self._down.get(r["deployment"], (0.0,))[0] <= now]
         ordered: list[dict[str, Any]] = []
@@ -311,7 +311,7 @@ class ModelRouter:
         if busy is not None:
             raise busy  # every placement that answered was over its deadline: the detector's own 503
         raise RetryLater(f"model '{model}': every placement with running replicas failed; last: {last}; "
-                         "see `edgebatch status`", self._retry_after_s)
+                         "see `edgebatch status`", retry_after_s=self._retry_after_s)
 
     def tenancy(self) -> dict[str, Any]:
         """Routes, weights, resources, Serve's replica counts, and how many requests each placement served."""

@@ -246,3 +246,30 @@ def test_an_item_whose_deadline_passed_in_the_queue_is_refused_unrun(scenes):
                                expires_at=time.perf_counter() + 1.0)
     (refused,) = det.handle_batch([soon])
     assert isinstance(refused.error, Overloaded) and "too close to" in refused.error.message
+
+
+def test_an_image_prepared_ahead_gets_the_same_boxes_and_a_swap_to_another_size_prepares_it_again(scenes):
+    """Decoding moved ahead of the batch (while the engine runs the one before) must not change an
+    answer, must name a bad image at once, and must survive a model swapped to another input size."""
+    import dataclasses
+
+    from app.detector import DetectRequest
+
+    det = _demo_detector()
+    _, jpeg, truth = scenes[0]
+    plain = det.handle_batch([DetectRequest.encoded(jpeg)])[0]
+    ahead = det.submit_prepare_ahead(DetectRequest.encoded(jpeg)).result(timeout=30)
+    assert ahead.ahead is not None and ahead.ahead.image.image.shape == (*det.input_size, 3)
+    early = det.handle_batch([ahead])[0]
+    assert [d.to_json() for d in early.detections] == [d.to_json() for d in plain.detections]
+    assert sorted(d.class_id for d in early.detections) == sorted(t.class_id for t in truth)
+    assert early.timings.preprocess_s >= ahead.ahead.preprocess_s > 0
+    with pytest.raises(BadRequest, match="not a decodable image"):
+        det.prepare_ahead(DetectRequest.encoded(b"not an image"))
+    tensor = DetectRequest.tensor(np.zeros((3, 320, 320), np.float32))
+    assert det.prepare_ahead(tensor) is tensor  # only encoded images are decoded ahead
+    # prepared for another input size (a swap happened meanwhile): decoded again from the bytes it kept
+    small = dataclasses.replace(ahead, ahead=dataclasses.replace(ahead.ahead, image=dataclasses.replace(
+        ahead.ahead.image, image=ahead.ahead.image.image[:160, :160])))
+    again = det.handle_batch([small])[0]
+    assert [d.to_json() for d in again.detections] == [d.to_json() for d in plain.detections]

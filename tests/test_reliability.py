@@ -303,3 +303,17 @@ def test_overload_is_refused_at_once_with_the_queue_named(serve_app):
     assert any("waiting" in json.loads(r["text"]).get("queue", {}) for r in refused), "no refusal named its queue"
     assert at_once[len(at_once) // 2] < budget  # most refusals come at once, not after the budget
     assert ok[int(0.99 * (len(ok) - 1))] <= budget + 1.0  # accepted ones stay near their budget (HTTP hops add some)
+
+
+def test_the_failover_bench_measures_the_outage_from_the_clients_timeline():
+    """`edgebatch bench failover`: no service = the longest stretch without a served request from the
+    last one before the kill; served again = the first request *sent* after the kill, served."""
+    from app.commands.bench_failover import outage
+
+    kill = 10.0
+    timeline = [(9.0, 0.2, 200), (9.8, 0.2, 200), (10.1, 0.4, 503), (10.3, 0.5, 503),  # in flight at the kill
+                (11.0, 1.5, 200),  # sent before the kill, retried on the other replica: served, but not "again"
+                (14.5, 2.0, 503), (21.0, 0.3, 200), (21.2, 0.2, 200)]
+    got = outage(timeline, kill)
+    assert got == {"longest_gap_s": 10.0, "served_again_s": 11.0}
+    assert outage([(1.0, 0.1, 200)], kill) == {"longest_gap_s": None, "served_again_s": None}

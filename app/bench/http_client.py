@@ -30,6 +30,7 @@ class LoadResult:
     refused_latencies_s: list[float] = field(default_factory=list)
     server_latencies_s: list[float] = field(default_factory=list)  # the server's own time (Server-Timing), if sent
     timeline: list[tuple[float, float, int]] = field(default_factory=list)  # (t_done, latency, status)
+    started_at_wall: float = 0.0  # time.time() when the measured window began (t_done is relative to it)
 
     @property
     def rps(self) -> float:
@@ -88,6 +89,7 @@ async def _run(url: str, bodies: Sequence[tuple[bytes, dict[str, str]]], clients
     t0 = time.perf_counter()
     t_measure = t0 + warmup_s
     t_end = t_measure + duration_s
+    result.started_at_wall = time.time() + warmup_s
     sent = 0
     conn = aiohttp.TCPConnector(limit=clients, force_close=False)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:

@@ -32,11 +32,12 @@ EXTENSIONS = (
     ("app.commands.bench_sweep", "add_bench_sweep"),
     ("app.commands.bench_loading", "add_bench_loading"),
     ("app.commands.bench_overload", "add_bench_overload"),
+    ("app.commands.bench_failover", "add_bench_failover"),
 )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="benchmarks: engine, http, registry, adapt, pipeline, streams, sweep, loading, overload")
+    bench = sub.add_parser("bench", help="benchmarks: engine, http, registry, adapt, pipeline, streams, sweep, loading, overload, failover")
     bsub = bench.add_subparsers(dest="bench", metavar="BENCH")
     bsub.required = True
     for module_name, fn in EXTENSIONS:
