@@ -8,9 +8,10 @@ is, one deployment per placement.
 
 Every caller (HTTP v1 and v2, stream readers, the tenancy router) submits ``DetectRequest``
 items with ``detect``; ``@serve.batch`` forms batches across all of them and runs the core's
-``handle_batch`` in a thread, one batch per engine instance at once. An encoded image is decoded and
-letterboxed when it arrives (``Detector.prepare_ahead``), while the engine runs the batch before it,
-and a ``BatchGate`` seals each batch only when an engine can start it, with everything that waited.
+``handle_batch`` in a thread, up to ``engine_instances + 1`` batches at once (the next batch is at the
+engine when the current one ends). An encoded image is decoded and letterboxed when it arrives
+(``Detector.prepare_ahead``), while the engines run earlier batches, and a ``BatchGate`` lets a batch
+be sealed only when a slot can start it, with everything that waited meanwhile.
 """
 
 from __future__ import annotations
@@ -289,6 +290,8 @@ class DetectorReplica:
                 await loop.run_in_executor(None, detector.set_resident_variants, config.resident_variants,
                                            config.max_batch_size)
             if old.engine_instances != config.engine_instances:
+                if self._source is not None:
+                    self._source.set_engine_instances(config.engine_instances)
                 await loop.run_in_executor(None, detector.set_engine_instances, config.engine_instances)
             if any(getattr(old, f) != getattr(config, f) for f in THRESHOLD_FIELDS):
                 detector.set_thresholds(thresholds_of(config))

@@ -38,6 +38,7 @@ class RegistryModelSource:
 
         self.config = config
         self.spare_cores = spare_cores
+        self.engine_instances = config.engine_instances
         self.repo = ModelRepository(config.tracking_uri or None, state=state, reader=True)
 
     def resolve(self) -> ResolvedModel:
@@ -56,6 +57,10 @@ class RegistryModelSource:
             input_size = (320, 320)
         return ResolvedModel(c.model, version, labels, input_size)
 
+    def set_engine_instances(self, n: int) -> None:
+        """Engines loaded from now on share the cores among ``n`` instances (see ``engine_threads``)."""
+        self.engine_instances = n
+
     def loader(self, model: ResolvedModel):
         """A VariantLoader bound to one resolved version."""
 
@@ -64,7 +69,7 @@ class RegistryModelSource:
             options = {}
             threads = self.config.intra_op_threads
             if not threads and self.spare_cores:
-                threads = max(1, (os.cpu_count() or 1) - self.spare_cores)
+                threads = engine_threads(os.cpu_count() or 1, self.spare_cores, self.engine_instances)
             if threads:
                 options["intra_op_num_threads"] = threads
             options["allow_spinning"] = self.config.intra_op_spinning
@@ -75,6 +80,13 @@ class RegistryModelSource:
             return engine, variant
 
         return load
+
+
+def engine_threads(cores: int, spare_cores: int, instances: int) -> int:
+    """ONNX Runtime threads per engine instance when the config sets none: all cores but ``spare_cores``,
+    shared among the instances (rounded up, at least one each), so two instances on a 2-core box run one
+    thread each instead of oversubscribing the cores the decoding and the HTTP front end need."""
+    return max(1, -(-(cores - spare_cores) // max(1, instances)))
 
 
 def local_detector(config: DetectorConfig, state: StateDir | None = None, spare_cores: int = 0):

@@ -273,3 +273,15 @@ def test_an_image_prepared_ahead_gets_the_same_boxes_and_a_swap_to_another_size_
         ahead.ahead.image, image=ahead.ahead.image.image[:160, :160])))
     again = det.handle_batch([small])[0]
     assert [d.to_json() for d in again.detections] == [d.to_json() for d in plain.detections]
+
+
+def test_engine_instances_share_the_cores_instead_of_oversubscribing_them():
+    """Two ORT instances on a 2-core box run one thread each (measured: 34 -> 41-48 images/s through
+    HTTP over one instance with one thread); on bigger boxes all cores but one are shared out."""
+    from model_registry.source import engine_threads
+
+    assert engine_threads(cores=2, spare_cores=1, instances=1) == 1
+    assert engine_threads(cores=2, spare_cores=1, instances=2) == 1
+    assert engine_threads(cores=8, spare_cores=1, instances=2) == 4
+    assert engine_threads(cores=6, spare_cores=1, instances=1) == 5
+    assert engine_threads(cores=1, spare_cores=1, instances=3) == 1

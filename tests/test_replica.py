@@ -33,7 +33,8 @@ def _restore(serve_app) -> None:
     from deployments import launcher
 
     launcher.deploy(serve_app["config"])
-    wait_for(lambda: (lambda i: i["engine_instances"] == 1 and i["max_batch_size"] == 8 and i["config_refused"] is None
+    shipped = serve_app["config"]["applications"][0]["deployments"][0]["user_config"]["engine_instances"]
+    wait_for(lambda: (lambda i: i["engine_instances"] == shipped and i["max_batch_size"] == 8 and i["config_refused"] is None
                       and i["pinned_version"] is None and i["postprocess"]["conf"] == 0.25)(_info(serve_app)),
              240, "the session's config to apply again")
 
@@ -54,16 +55,17 @@ def test_each_knob_changes_on_the_running_replica(serve_app):
     before = _info(serve_app)
     jpeg = _scene_jpeg()
     assert httpx.post(f"{url}/v1/detect", content=jpeg, timeout=60).json()["detections"]
-    _deploy(serve_app, engine_instances=2, resident_variants=1, conf_threshold=1.0, max_batch_size=4,
+    instances = before["engine_instances"] + 1  # a change from what the session's config ships
+    _deploy(serve_app, engine_instances=instances, resident_variants=1, conf_threshold=1.0, max_batch_size=4,
             batch_wait_timeout_s=0.02)
     try:
-        info = wait_for(lambda: (lambda i: i if i["engine_instances"] == 2 and i["postprocess"]["conf"] == 1.0 else None)(
+        info = wait_for(lambda: (lambda i: i if i["engine_instances"] == instances and i["postprocess"]["conf"] == 1.0 else None)(
             _info(serve_app)), 120, "the new knobs to apply")
         assert info["pid"] == before["pid"], "a user_config change must not restart the replica"
         assert info["max_batch_size"] == 4 and info["batch_wait_timeout_s"] == 0.02 and info["resident_variants"] == 1
         assert list(info["loaded_variants"]) == ["4"], info["loaded_variants"]  # one resident: the target
-        assert all(v["instances"] == 2 for v in info["loaded_variants"].values()), info["loaded_variants"]
-        # concurrent requests over two engine instances: none blocks, none fails
+        assert all(v["instances"] == instances for v in info["loaded_variants"].values()), info["loaded_variants"]
+        # concurrent requests over the engine instances: none blocks, none fails
         with ThreadPoolExecutor(8) as pool:
             replies = list(pool.map(lambda _: httpx.post(f"{url}/v1/detect", content=jpeg, timeout=60), range(16)))
         assert [r.status_code for r in replies] == [200] * 16
@@ -72,7 +74,8 @@ def test_each_knob_changes_on_the_running_replica(serve_app):
     finally:
         _restore(serve_app)
     info = _info(serve_app)
-    assert all(v["instances"] == 1 for v in info["loaded_variants"].values()) and info["pid"] == before["pid"]
+    assert all(v["instances"] == before["engine_instances"] for v in info["loaded_variants"].values())
+    assert info["pid"] == before["pid"]
 
 
 @pytest.mark.ray

@@ -18,9 +18,21 @@ HTTP_COLUMNS = [
     ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("failed", "failed"), ("bound_images_per_s", "bound images/s"),
     ("ratio", "http/bound"), ("ratio_to_peer", "vs peer"), ("p99_to_peer", "p99 vs peer"),
 ]
-#: the replica's settings, which the pipelined bound reproduces: one engine (ORT on all cores but one)
-#: and ``engine_instances + 1`` batches in flight, so the next batch decodes while the engine runs
+#: the replica's settings, which the pipelined bound reproduces: its engine instances (ORT on all cores
+#: but one, shared among them) and ``engine_instances + 1`` batches in flight, so the next batch
+#: decodes while the engines run
 PIPELINED_SPARE_CORES = 1
+
+
+def shipped_engine_instances() -> int:
+    """The Detector's ``engine_instances`` in the shipped Serve config (what `edgebatch up` deploys)."""
+    from deployments.config_file import DEFAULT_CONFIG, read_serve_config
+
+    for app in read_serve_config(DEFAULT_CONFIG).get("applications", []):
+        for dep in app.get("deployments", []):
+            if dep.get("name") == "Detector":
+                return int((dep.get("user_config") or {}).get("engine_instances", DetectorConfig().engine_instances))
+    return DetectorConfig().engine_instances
 
 
 def add_serving_benches(bsub: argparse._SubParsersAction) -> None:
@@ -29,8 +41,11 @@ def add_serving_benches(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-sizes", default="1,2,4,8,16")
     p.add_argument("--batches", type=int, default=30, help="measured batches per size (after 3 warm-up batches)")
     p.add_argument("--pipelined", action="store_true",
-                   help="overlap the stages as the replica does (two batches in flight, ORT on all cores but one): "
-                        "the best this machine does without a serving layer, the bound `bench http` compares with")
+                   help="overlap the stages as the replica does (engine_instances + 1 batches in flight, ORT on all "
+                        "cores but one): the best this machine does without a serving layer, the bound `bench http` "
+                        "compares with")
+    p.add_argument("--engine-instances", type=int, default=None,
+                   help="engine instances for --pipelined (default: the shipped Serve config's)")
     common(p)
     p.set_defaults(func=cmd_engine)
 
@@ -59,7 +74,7 @@ def add_serving_benches(bsub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_http)
 
 
-def _local_detector(model: str, max_size: int, spare_cores: int = 0):
+def _local_detector(model: str, max_size: int, spare_cores: int = 0, engine_instances: int = 1):
     from app.state import StateDir
     from model_registry.demo import DEMO_MODEL, ensure_demo_model
     from model_registry.repository import ModelRepository
@@ -67,18 +82,21 @@ def _local_detector(model: str, max_size: int, spare_cores: int = 0):
 
     if model == DEMO_MODEL:
         ensure_demo_model(ModelRepository.from_env(StateDir.default().ensure()))
-    config = DetectorConfig(model=model, max_batch_size=max_size, batch_sizes=[1, 2, 4, 8, 16] if max_size <= 16 else [max_size])
+    config = DetectorConfig(model=model, max_batch_size=max_size, batch_sizes=[1, 2, 4, 8, 16] if max_size <= 16 else [max_size],
+                            engine_instances=engine_instances)
     detector, resolved, _ = local_detector(config, spare_cores=spare_cores)
     return detector, resolved
 
 
-def engine_rows(model: str, sizes: list[int], batches: int, pipelined: bool = False) -> tuple[list[dict], object]:
-    """Per size: ``handle_batch`` one batch after another, or (``pipelined``) as the replica runs it."""
+def engine_rows(model: str, sizes: list[int], batches: int, pipelined: bool = False,
+                engine_instances: int = 1) -> tuple[list[dict], object]:
+    """Per size: ``handle_batch`` one batch after another, or (``pipelined``) as the replica runs it, with
+    ``engine_instances`` engines."""
     from app.bench.engine import run_pipeline
     from app.bench.images import sample_jpegs
 
     spare = PIPELINED_SPARE_CORES if pipelined else 0
-    detector, resolved = _local_detector(model, max(sizes), spare)
+    detector, resolved = _local_detector(model, max(sizes), spare, engine_instances if pipelined else 1)
     concurrency = detector.pool.instances + 1 if pipelined else 1
     jpegs = sample_jpegs()
     rows = []
@@ -95,11 +113,15 @@ def engine_rows(model: str, sizes: list[int], batches: int, pipelined: bool = Fa
 
 def cmd_engine(args: argparse.Namespace) -> int:
     sizes = parse_sizes(args.batch_sizes)
-    rows, resolved = engine_rows(args.model, sizes, args.batches, args.pipelined)
+    instances = args.engine_instances or shipped_engine_instances()
+    if not 1 <= instances <= 16:
+        raise ConfigError(f"--engine-instances must be between 1 and 16, got {instances}")
+    rows, resolved = engine_rows(args.model, sizes, args.batches, args.pipelined, instances)
     best = max(rows, key=lambda r: r["images_per_s"])
     report = BenchReport("engine", ENGINE_COLUMNS, rows)
-    how = (f"pipelined: {rows[0]['concurrency']} batches in flight, ORT on all cores but {PIPELINED_SPARE_CORES} "
-           "(the replica's settings)" if args.pipelined else "one batch after another, ORT on all cores")
+    how = (f"pipelined: {instances} engine instance(s), {rows[0]['concurrency']} batches in flight, ORT on all cores "
+           f"but {PIPELINED_SPARE_CORES} shared among them (the replica's settings)" if args.pipelined
+           else "one batch after another, ORT on all cores")
     report.notes.append(f"model {resolved.name} v{resolved.version}, input {resolved.input_size}, 1280x720 JPEG frames, "
                         f"Detector.handle_batch (the replica's batch handler: decode+letterbox, engine, NMS), {how}")
     report.summary = {"best_batch_size": best["batch_size"], "best_images_per_s": round(best["images_per_s"], 2),
@@ -189,13 +211,15 @@ def cmd_http(args: argparse.Namespace) -> int:
         from app.constants import DETECTOR_APP, DETECTOR_DEPLOYMENT
 
         handle = serve.get_deployment_handle(DETECTOR_DEPLOYMENT, app_name=DETECTOR_APP)
+    # the bound runs with the replica's engine instances (the running one's, else the shipped config's)
+    instances = (handle.info.remote().result(timeout_s=60).engine_instances if handle else None) or shipped_engine_instances()
 
     peer_url = f"{args.peer_url.rstrip('/')}/v2/models/{peer_model}/infer" if args.peer_url else None
     rows = []
     for rnd in range(1, args.rounds + 1):  # rounds alternate the servers again: drift hits both alike
         bound: dict[int, float] = {}
         if not args.no_bare:
-            bound_rows, _ = engine_rows(args.model, sizes, args.batches, pipelined=True)
+            bound_rows, _ = engine_rows(args.model, sizes, args.batches, pipelined=True, engine_instances=instances)
             bound = {r["batch_size"]: r["images_per_s"] for r in bound_rows}
         for n in sizes if not args.external else sizes[:1]:
             if handle is not None:
