@@ -508,7 +508,11 @@ class Detector:
         if len(item.data) > self.max_body_bytes:
             raise self._too_large(item)
         image = prepare(item.data, self.input_size, max_pixels=self.max_image_pixels)
-        return dataclasses.replace(item, ahead=PreparedAhead(image, time.perf_counter() - t0))
+        done = time.perf_counter()
+        # its time in the queue starts now: the preparation is counted once, as pre-processing (the
+        # gateway's hop estimate subtracts the stages from the whole time)
+        return dataclasses.replace(item, ahead=PreparedAhead(image, done - t0),
+                                   enqueued_at=done if item.enqueued_at is not None else None)
 
     def submit_prepare_ahead(self, item: DetectRequest) -> Future[DetectRequest]:
         """``prepare_ahead`` in this detector's CPU pool (the one its batches decode in)."""

@@ -123,6 +123,7 @@ class ServiceRate:
         self.alpha = alpha
         self.capacity_items_s: float | None = None
         self.d_batch_s: float | None = None
+        self.d_batch_dev_s = 0.0
         self._last_done: float | None = None
 
     def observe(self, items: int, d_batch_s: float, *, concurrent: int, now: float, backlog: int) -> None:
@@ -136,7 +137,17 @@ class ServiceRate:
             rate = items / d_batch_s * max(1, concurrent)
         a = self.alpha
         self.capacity_items_s = rate if self.capacity_items_s is None else (1 - a) * self.capacity_items_s + a * rate
-        self.d_batch_s = d_batch_s if self.d_batch_s is None else (1 - a) * self.d_batch_s + a * d_batch_s
+        if self.d_batch_s is None:
+            self.d_batch_s, self.d_batch_dev_s = d_batch_s, d_batch_s / 2
+        else:
+            self.d_batch_dev_s = 0.75 * self.d_batch_dev_s + 0.25 * abs(d_batch_s - self.d_batch_s)
+            self.d_batch_s = (1 - a) * self.d_batch_s + a * d_batch_s
+
+    def batch_time_s(self) -> float | None:
+        """How long a batch may take here, bounded as TCP bounds a round trip (mean plus four mean
+        deviations): an item with less than this left would likely be answered late. Batches vary most
+        when engine instances share the cores with the HTTP hops; the mean alone let late items run."""
+        return None if self.d_batch_s is None else self.d_batch_s + 4 * self.d_batch_dev_s
 
 
 

@@ -480,8 +480,9 @@ class DetectorReplica:
             self._rate.observe(b.items, b.preprocess_s + b.inference_s + b.postprocess_s,
                                concurrent=self._detector.pool.instances if self._detector else 1,
                                now=time.monotonic(), backlog=waiting)
-            if self._detector is not None and self._rate.d_batch_s is not None:
-                self._detector.set_batch_time_s(self._rate.d_batch_s)
+            batch_time = self._rate.batch_time_s()
+            if self._detector is not None and batch_time is not None:
+                self._detector.set_batch_time_s(batch_time)
             variant_size = b.variant.batch_size if b.variant else 0
             self._metrics.record_batch(b.items, variant_size, b.queue_s, b.preprocess_s, b.inference_s,
                                        b.postprocess_s, waiting)

@@ -109,3 +109,19 @@ def test_the_gateway_rate_counts_only_windows_that_kept_the_service_full():
     rate.change(16, now=3.0, completed=30, full_at=8)
     assert rate.current(3.0) == pytest.approx(30.0)
     assert rate.current(14.0) is None  # stale: the load went away
+
+
+def test_the_batch_time_an_item_must_have_left_covers_the_spread_of_batch_times():
+    """Two engine instances sharing two cores with the HTTP hops make batch times vary: the mean alone
+    let items start that then finished late, so the bound is the mean plus four mean deviations."""
+    from app.overload import ServiceRate
+
+    rate = ServiceRate()
+    assert rate.batch_time_s() is None
+    for k, d in enumerate([0.10, 0.30, 0.10, 0.30, 0.10, 0.30]):
+        rate.observe(4, d, concurrent=2, now=float(k), backlog=0)
+    assert rate.d_batch_s is not None and rate.batch_time_s() > rate.d_batch_s + 0.2
+    steady = ServiceRate()
+    for k in range(40):
+        steady.observe(4, 0.2, concurrent=2, now=float(k), backlog=0)
+    assert abs(steady.batch_time_s() - 0.2) < 0.01  # steady batches: the bound is the batch time itself
