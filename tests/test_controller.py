@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import threading
+import time
 from dataclasses import dataclass
 
 import httpx
@@ -440,6 +441,8 @@ class Load:
         self.url = f"{url}/v1/detect"
         self.stop = threading.Event()
         self.replies: list[tuple[int, int | None]] = []
+        self.served: list[tuple[str | None, int | None, float]] = []  # (version, items in its batch, when sent)
+        self._lock = threading.Lock()
         self.errors: list[str] = []
         self.threads = [threading.Thread(target=self._worker, args=(i,), daemon=True) for i in range(clients)]
 
@@ -447,8 +450,12 @@ class Load:
         with httpx.Client(timeout=60) as client:
             while not self.stop.is_set():
                 try:
+                    sent = time.monotonic()
                     r = client.post(self.url, content=self.frames[i % len(self.frames)], headers={"Content-Type": "image/jpeg"})
-                    self.replies.append((r.status_code, r.json().get("batch_size") if r.status_code == 200 else None))
+                    body = r.json() if r.status_code == 200 else {}
+                    with self._lock:  # the two lists stay aligned
+                        self.replies.append((r.status_code, body.get("batch_size")))
+                        self.served.append((body.get("version"), body.get("items_in_batch"), sent))
                 except httpx.HTTPError as exc:
                     self.errors.append(repr(exc))
 
@@ -475,22 +482,27 @@ def _detector():
 @pytest.mark.ray
 def test_swap_under_concurrent_load_fails_no_request(serve_app):
     handle = _detector()
-    handle.set_batch_size.remote(8, 0.05).result(timeout_s=120)
+    before = handle.set_batch_size.remote(8, 0.05).result(timeout_s=120)
     try:
         with Load(serve_app["url"]) as load:
             wait_for(lambda: load.count() >= 10, 120, "steady load before the swap")
             info = handle.set_batch_size.remote(2, 0.05).result(timeout_s=120)
-            assert info.max_batch_size == 2
+            swapped_at = time.monotonic()
+            assert info.max_batch_size == 2 and info.pid == before.pid
             mark = load.count()
             wait_for(lambda: load.count() >= mark + 15, 120, "replies after the swap to 2")
+            asked4_at = time.monotonic()
             handle.set_batch_size.remote(4, 0.05).result(timeout_s=120)
             mark4 = load.count()
             wait_for(lambda: any(b == 4 for _, b in load.replies[mark4:]), 120, "a reply from the batch-4 variant")
         statuses = [s for s, _ in load.replies]
         assert load.errors == [] and set(statuses) == {200}, (load.errors[:3], sorted(set(statuses)))
-        # after the switch to 2 (past the <= 6 requests already in flight), no larger variant serves
-        assert max(b for _, b in load.replies[mark + 6 : mark4]) <= 2
+        # no request sent after the switch to 2 returned (and before the one to 4) is served by a larger variant
+        after = [(b, *load.served[i]) for i, (_, b) in enumerate(load.replies[:mark4])
+                 if swapped_at < load.served[i][2] < asked4_at]
+        assert after and max(b for b, *_ in after) <= 2, [(b, v, n, round(t - swapped_at, 3)) for b, v, n, t in after]
         info = handle.info.remote().result(timeout_s=30)
+        assert info.pid == before.pid, "Serve replaced the Detector replica during the test"
         assert sorted(info.loaded_variants) == [1, 4]  # target + smallest resident, 8 and 2 released
         stats = handle.stats.remote(30.0).result(timeout_s=30).to_dict()
         assert stats["metrics"]["batches"] > 0 and stats["metrics"]["stages"]["infer"]["mean_s"] > 0
