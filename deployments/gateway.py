@@ -48,9 +48,6 @@ api.include_router(console_router)  # /ui: the operator's console (docs/console.
 SETTINGS_TTL_S = 1.0
 #: a replica lost under an item: the item is tried once more when this much of its budget is left
 RETRY_MIN_BUDGET_S = 0.2
-#: the detector refuses an item whose budget ran out itself (with its queue named); the gateway only
-#: gives up this much later, when no replica answered at all (none running)
-NO_REPLICA_GRACE_S = 2.0
 
 #: The OpenAPI descriptions of what the routes really take and answer (for clients and fuzzers).
 DETECT_BODY = {"requestBody": {"required": True, "content": {
@@ -121,7 +118,7 @@ class DetectorGateway(RegistryRoutes, ConsoleRoutes):
         self._console = ConsoleState()
         self._v2_decoder = V2BodyDecoder(ThreadPoolExecutor(max_workers=2, thread_name_prefix="edgebatch-decode"))
         self._settings, self._signature_cache = _Cached(), _Cached()
-        self.counters = {"replica_lost": 0, "retried": 0, "overloaded": 0, "refused_here": 0}
+        self.counters = {"replica_lost": 0, "retried": 0, "overloaded": 0, "refused_here": 0, "late": 0}
         self.outstanding = 0  # items sent to detectors and not answered yet
         self._refused = RefusedClients()  # when each refused client should come back
         self._busy = BusyRate()  # the end-to-end rate while the detectors were kept full
@@ -159,7 +156,7 @@ class DetectorGateway(RegistryRoutes, ConsoleRoutes):
             self._track(+1)
             served = 0
             try:
-                result = await self._detect(item, start + usable, budget_s)
+                result = await self._detect(item, start + usable, start + budget_s, budget_s)
                 served = 1
             finally:
                 self._track(-1, completed=served)
@@ -201,13 +198,17 @@ class DetectorGateway(RegistryRoutes, ConsoleRoutes):
             self.counters["refused_here"] += 1
             raise
 
-    async def _detect(self, item: DetectRequest, deadline: float, budget_s: float) -> ItemResult:
+    async def _detect(self, item: DetectRequest, deadline: float, due: float, budget_s: float) -> ItemResult:
+        """The detector gets ``deadline`` (the budget less the hop reserve) and refuses, with its queue
+        named, what it cannot finish by then; an answer not here by ``due`` (the client's whole budget,
+        from this ingress) is not waited for: a late answer is useless to a real-time client, and a
+        reply after the deadline would break the promise the deadline makes."""
         for attempt in (1, 2):
             left = deadline - time.monotonic()
             try:
                 return await asyncio.wait_for(
                     self._detector.detect.remote(DetectRequest(item.kind, item.data, deadline_s=max(left, 0.001))),
-                    timeout=max(left, 0.0) + NO_REPLICA_GRACE_S)
+                    timeout=max(due - time.monotonic(), 0.0))
             except REPLICA_GONE:
                 self.counters["replica_lost"] += 1
                 if attempt == 1 and deadline - time.monotonic() > RETRY_MIN_BUDGET_S:
@@ -216,9 +217,9 @@ class DetectorGateway(RegistryRoutes, ConsoleRoutes):
                 raise ReplicaLost("the detector replica serving this request was lost; Serve is starting it "
                                   "again: retry") from None
             except TimeoutError:
-                self.counters["overloaded"] += 1
-                raise Overloaded(f"no detector replica took the request within its {budget_s:.2f} s deadline "
-                                 "(none running: see `edgebatch status`); retry", retry_after_s=1.0) from None
+                self.counters["late"] += 1
+                raise Overloaded(f"no detector replica answered within the request's {budget_s:.2f} s deadline "
+                                 "(all busy, or none running: see `edgebatch status`); retry", retry_after_s=1.0) from None
             except BackPressureError:
                 self.counters["overloaded"] += 1
                 raise Overloaded("overloaded: every detector replica's queue is full; retry", retry_after_s=1.0) from None

@@ -199,3 +199,43 @@ def test_replica_errors_cross_handles_as_exceptions_and_keep_their_status():
     err = as_edgebatch_error(wrapped)
     assert isinstance(err, BadRequest) and err.status == 400 and err.message == cause.message
 
+
+
+def test_the_gateway_answers_a_late_detector_at_the_deadline_and_counts_it(monkeypatch, tmp_path):
+    """A detector that admitted an item but has not answered by the client's deadline: the gateway does
+    not wait past it (a late reply breaks what the deadline promises); it answers the JSON 503 family
+    at the deadline, stops waiting on the call (cancelled) and counts it as late."""
+    import asyncio
+
+    from app.detector import DetectRequest
+    from app.errors import Overloaded
+    from deployments.gateway import DetectorGateway
+
+    monkeypatch.setenv("EDGEBATCH_HOME", str(tmp_path))
+    calls: list[asyncio.Future] = []
+
+    class NeverAnswers:
+        """The detect call of a detector whose batch runs far past the budget."""
+
+        def remote(self, item: DetectRequest) -> asyncio.Future:
+            calls.append(asyncio.get_running_loop().create_future())
+            return calls[-1]
+
+    class Handle:
+        detect = NeverAnswers()
+
+    cls = DetectorGateway.func_or_class
+    gateway = cls.__new__(cls)
+
+    async def ask() -> tuple[Overloaded, float]:
+        await cls.__init__(gateway, Handle())  # Serve's ingress wrapper makes the constructor a coroutine
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(Overloaded) as late:
+            await gateway.detect(DetectRequest.encoded(b"\xff\xd8 not decoded here"), 0.3)
+        return late.value, asyncio.get_running_loop().time() - t0
+
+    refused, took = asyncio.run(ask())
+    assert 0.3 <= took < 1.3  # at its deadline, not seconds after
+    assert "0.30 s deadline" in refused.message and refused.retry_after_s >= 1.0 and refused.to_json()["retry"]
+    assert len(calls) == 1 and calls[0].cancelled()
+    assert gateway.counters["late"] == 1 and gateway.outstanding == 0
