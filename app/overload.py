@@ -11,6 +11,7 @@ count, and an item whose budget still runs out in the queue is refused before it
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -220,3 +221,35 @@ class HopReserve:
         if self.mean_s is None:
             return 0.0
         return min(self.mean_s + 4 * self.dev_s, budget_s / 2)
+
+
+class LoopLag:
+    """How late the gateway's event loop runs a ready callback, from a periodic probe (Jacobson's
+    estimator, as for the hops). A reply waits on that loop twice where the gateway's own clock does not
+    see it: before its handler starts and while it is written. The gateway keeps that much of a budget
+    back, so what the client measures, not only what the gateway measures, stays within the deadline."""
+
+    PROBE_S = 0.05  # how often the probe wakes: often enough to follow load, cheap (20 wake-ups a second)
+
+    def __init__(self) -> None:
+        self._estimate = HopReserve()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Start the probe on the running loop (once; again if it ever ended)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._probe())
+
+    async def _probe(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            asked = loop.time()
+            await asyncio.sleep(self.PROBE_S)
+            self.observe(loop.time() - asked - self.PROBE_S)
+
+    def observe(self, late_s: float) -> None:
+        self._estimate.observe(late_s)
+
+    def reserve_s(self, budget_s: float) -> float:
+        """Twice the bound on one wait (before the handler, and the write), at most a quarter of the budget."""
+        return min(2 * self._estimate.reserve_s(budget_s), budget_s / 4)

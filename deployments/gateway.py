@@ -28,7 +28,7 @@ from app.constants import GATEWAY_DEPLOYMENT
 from app.detector import DetectRequest, ItemResult
 from app.errors import NotFound, Overloaded, ReplicaLost, Unavailable
 from app.oip import ModelSignature, encode_infer_response, model_metadata, server_metadata
-from app.overload import BusyRate, HopReserve, QueueState, RefusedClients, admit, request_budget_s
+from app.overload import BusyRate, HopReserve, LoopLag, QueueState, RefusedClients, admit, request_budget_s
 from app.security.auth import TokenCheck
 from app.state import StateDir
 from deployments.console import ConsoleRoutes, ConsoleState
@@ -123,6 +123,7 @@ class DetectorGateway(RegistryRoutes, ConsoleRoutes):
         self._refused = RefusedClients()  # when each refused client should come back
         self._busy = BusyRate()  # the end-to-end rate while the detectors were kept full
         self._hops = HopReserve()  # what served items spent outside the detector's stages
+        self._lag = LoopLag()  # what they wait on this event loop outside the gateway's own clock
 
     # -- what the detector says ---------------------------------------------------------
     async def _call(self, method: str, *args: Any) -> Any:
@@ -150,13 +151,15 @@ class DetectorGateway(RegistryRoutes, ConsoleRoutes):
         """``item`` to a detector replica within ``budget_s``; a replica lost under it costs one retry
         (Serve routes it to another replica, or waits for the restarted one) while time is left."""
         start = time.monotonic()
-        usable = budget_s - self._hops.reserve_s(budget_s)  # the rest is kept for the way back
+        self._lag.start()
+        due = start + budget_s - self._lag.reserve_s(budget_s)  # an answer later than this reaches the client late
+        usable = due - start - self._hops.reserve_s(budget_s)  # the rest is kept for the way back
         try:
             self._admit(usable)
             self._track(+1)
             served = 0
             try:
-                result = await self._detect(item, start + usable, start + budget_s, budget_s)
+                result = await self._detect(item, start + usable, due, budget_s)
                 served = 1
             finally:
                 self._track(-1, completed=served)
@@ -200,8 +203,8 @@ class DetectorGateway(RegistryRoutes, ConsoleRoutes):
 
     async def _detect(self, item: DetectRequest, deadline: float, due: float, budget_s: float) -> ItemResult:
         """The detector gets ``deadline`` (the budget less the hop reserve) and refuses, with its queue
-        named, what it cannot finish by then; an answer not here by ``due`` (the client's whole budget,
-        from this ingress) is not waited for: a late answer is useless to a real-time client, and a
+        named, what it cannot finish by then; an answer not here by ``due`` (the client's budget from this
+        ingress, less what replies wait on its event loop) is not waited for: a late answer is useless to a real-time client, and a
         reply after the deadline would break the promise the deadline makes."""
         for attempt in (1, 2):
             left = deadline - time.monotonic()
@@ -254,7 +257,8 @@ class DetectorGateway(RegistryRoutes, ConsoleRoutes):
         rate = self._busy.current(time.monotonic())
         info["gateway"] = {**self.counters,
                            "busy_rate_items_s": None if rate is None else round(rate, 2),
-                           "hop_reserve_s": round(self._hops.reserve_s(3600.0), 4)}
+                           "hop_reserve_s": round(self._hops.reserve_s(3600.0), 4),
+                           "loop_lag_reserve_s": round(self._lag.reserve_s(3600.0), 4)}
         return info
 
     # -- /v2: Open Inference Protocol (KServe / Triton HTTP) -------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from app.errors import BadRequest, Overloaded
@@ -96,6 +98,30 @@ def test_the_gateway_keeps_back_what_the_hops_take():
         hops.observe(x)
     assert hops.reserve_s(1.0) > 0.25  # jittery hops: mean plus four deviations
     assert hops.reserve_s(0.2) == 0.1  # never more than half the budget
+
+
+def test_the_gateway_keeps_back_twice_what_its_event_loop_lags_and_measures_it_live():
+    import asyncio
+
+    from app.overload import LoopLag
+
+    lag = LoopLag()
+    assert lag.reserve_s(1.0) == 0.0
+    for x in [0.02] * 50:
+        lag.observe(x)
+    assert 0.04 <= lag.reserve_s(1.0) < 0.05  # a reply waits on the loop before its handler and for its write
+    assert lag.reserve_s(0.1) == 0.025  # never more than a quarter of the budget
+
+    async def blocked_loop() -> float:
+        live = LoopLag()
+        live.start()
+        await asyncio.sleep(0)  # the probe's first timer is armed
+        time.sleep(0.3)  # a handler that holds the loop (the lag being measured, not synchronisation)
+        while live.reserve_s(10.0) == 0.0:
+            await asyncio.sleep(LoopLag.PROBE_S)
+        return live.reserve_s(10.0)
+
+    assert asyncio.run(blocked_loop()) >= 0.25
 
 
 def test_the_gateway_rate_counts_only_windows_that_kept_the_service_full():
