@@ -221,8 +221,8 @@ class DetectorGateway(RegistryRoutes, ConsoleRoutes):
                                   "again: retry") from None
             except TimeoutError:
                 self.counters["late"] += 1
-                raise Overloaded(f"no detector replica answered within the request's {budget_s:.2f} s deadline "
-                                 "(all busy, or none running: see `edgebatch status`); retry", retry_after_s=1.0) from None
+                raise Overloaded(f"overloaded: no detector replica answered within the request's {budget_s:.2f} s "
+                                 "deadline (or none is running: see `edgebatch status`); retry", retry_after_s=1.0) from None
             except BackPressureError:
                 self.counters["overloaded"] += 1
                 raise Overloaded("overloaded: every detector replica's queue is full; retry", retry_after_s=1.0) from None
