@@ -249,7 +249,8 @@ class Clients:
 def test_killing_the_detector_under_load_answers_every_request_in_json(serve_app):
     """Before: in-flight requests of a killed Detector got a plain-text 500."""
     base = serve_app["url"]
-    old = httpx.get(f"{base}/v1/info", timeout=30).json()["pid"]
+    before = httpx.get(f"{base}/v1/info", timeout=30).json()
+    old = before["pid"]
     with Clients(base, clients=4) as load:
         wait_for(lambda: sum(r["status"] == 200 for r in load.replies) >= 8, 60, "requests served before the kill")
         killed_at = time.monotonic()
@@ -276,9 +277,12 @@ def test_killing_the_detector_under_load_answers_every_request_in_json(serve_app
     assert after, "no request was sent around the kill"
     info = httpx.get(f"{base}/v1/info", timeout=30).json()
     assert info["pid"] != old
-    gateway = info["gateway"]
-    assert gateway["replica_lost"] >= 1  # the requests the dead replica held were seen as lost, and counted
-    assert gateway["replica_lost"] + gateway["overloaded"] + gateway["late"] >= len(failed)  # none uncounted
+    counted = {k: info["gateway"][k] - before["gateway"][k] for k in ("replica_lost", "late", "overloaded", "refused_here")}
+    assert failed, "the kill cost no request: nothing was in flight, so nothing was tested"
+    # the requests the dead replica held failed as lost, or as late when Ray told of the death after
+    # their deadline (on a loaded machine it can take seconds); either way a JSON 503, and counted
+    assert counted["replica_lost"] + counted["late"] >= 1, counted
+    assert sum(counted.values()) >= len(failed), (counted, len(failed))  # none uncounted
 
 
 def test_overload_is_refused_at_once_with_the_queue_named(serve_app):
