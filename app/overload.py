@@ -197,6 +197,42 @@ class BusyRate:
         return self.value if self.value is not None and now - self._measured_at <= self.stale_s else None
 
 
+class ServedRate:
+    """Items/s answered with a result lately, idle and refusing windows counted as the zeros they are.
+
+    Refused clients are spread at this rate (``RefusedClients``). The saturated rate (``BusyRate``)
+    is unknown when nothing is kept full, and the detector's own batch rate is faster than the HTTP
+    path in front of it carries under overload: tickets at that rate brought 200 refused clients back
+    faster than Serve's proxy could take them, and goodput fell to nothing (docs/reliability.md).
+    At the rate really served, a path that serves nothing sends clients away for long, and it drains.
+    """
+
+    def __init__(self, window_s: float = 1.0, alpha: float = 0.3) -> None:
+        self.window_s, self.alpha = window_s, alpha
+        self.value: float | None = None
+        self._start: float | None = None
+        self._done = 0
+
+    def _roll(self, now: float) -> None:
+        if self._start is None:
+            self._start = now
+            return
+        span = now - self._start
+        if span >= self.window_s:
+            rate = self._done / span
+            self.value = rate if self.value is None else (1 - self.alpha) * self.value + self.alpha * rate
+            self._start, self._done = now, 0
+
+    def served(self, now: float, items: int = 1) -> None:
+        self._roll(now)
+        self._done += items
+
+    def current(self, now: float) -> float | None:
+        """The smoothed rate, or None before the first window closed."""
+        self._roll(now)
+        return self.value
+
+
 class HopReserve:
     """The time a served item spends outside the detector's own stages (the hops to and from it, the
     reply's serialisation, the event loop it waits on), as Jacobson's estimator for TCP's retransmit

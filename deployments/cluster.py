@@ -18,7 +18,7 @@ from pathlib import Path
 from app.errors import Unavailable
 from app.instance import InstancePorts, InstanceRecord, ensure_ray_token, ray_auth_env
 from app.state import StateDir
-from deployments.config_file import INLINE_OBJECT_ENV, PROJECT_ROOT
+from deployments.config_file import NODE_ENV, PROJECT_ROOT
 
 NO_INSTANCE = ("no edgebatch instance is recorded in {root}; start one with `edgebatch up` "
                "(or set RAY_ADDRESS to join a cluster, or EDGEBATCH_HOME to pick another instance's state folder)")
@@ -125,7 +125,7 @@ def start_local_head(state: StateDir, ports: InstancePorts, *, num_cpus: int | N
     env = dict(os.environ)
     env.update(ray_auth_env(state))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [PROJECT_ROOT, env.get("PYTHONPATH")]))
-    env.update({k: os.environ.get(k, v) for k, v in INLINE_OBJECT_ENV.items()})  # the proxy's too, not only replicas'
+    env.update({k: os.environ.get(k, v) for k, v in NODE_ENV.items()})  # the proxy's too, not only replicas'
     if direct_ingress:
         from deployments.config_file import DIRECT_INGRESS_ENV
 

@@ -19,6 +19,7 @@ from app.constants import DETECTOR_APP_IMPORT_PATH, DETECTOR_DEPLOYMENT, HEAD_PI
 from app.errors import ConfigError
 from app.imaging import DEFAULT_MAX_IMAGE_PIXELS, OPENCV_PIXELS_ENV
 from app.state import StateDir
+from deployments.proxy_stamp import PROXY_ENV
 
 DEFAULT_CONFIG = Path(__file__).with_name("serve_config.yaml")
 DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
@@ -27,6 +28,8 @@ DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 #: every camera JPEG (about 130 KB at 1280x720) and every uint8 frame of 320x320 or more in the store: under
 #: 200 clients that halved the images/s served and tripled refusal latency (docs/reliability.md).
 INLINE_OBJECT_ENV = {"RAY_max_direct_call_object_size": str(4 << 20)}
+#: what every node's `ray start` exports, so Serve's proxies and replicas there get it too
+NODE_ENV = {**INLINE_OBJECT_ENV, **PROXY_ENV}
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 # Apps that run on the head node unless their YAML names other resources: the detector of the
 # single-detector app, the batch controller, the streams ingress, the collectors' supervisor.

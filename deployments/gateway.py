@@ -28,7 +28,7 @@ from app.constants import GATEWAY_DEPLOYMENT
 from app.detector import DetectRequest, ItemResult
 from app.errors import NotFound, Overloaded, ReplicaLost, Unavailable
 from app.oip import ModelSignature, encode_infer_response, model_metadata, server_metadata
-from app.overload import BusyRate, HopReserve, LoopLag, QueueState, RefusedClients, admit, request_budget_s
+from app.overload import BusyRate, HopReserve, LoopLag, QueueState, RefusedClients, ServedRate, admit, request_budget_s
 from app.security.auth import TokenCheck
 from app.state import StateDir
 from deployments.console import ConsoleRoutes, ConsoleState
@@ -36,6 +36,7 @@ from deployments.console import router as console_router
 from deployments.decoding import V2BodyDecoder
 from deployments.detector import IngressSettings
 from deployments.http import as_edgebatch_error, error_responses, install_error_handlers, read_inference_body
+from deployments.proxy_stamp import ARRIVED_HEADER, arrival_wait_s, node_id
 from deployments.registry_http import RegistryRoutes
 from deployments.registry_http import router as registry_router
 
@@ -124,6 +125,9 @@ class DetectorGateway(RegistryRoutes, ConsoleRoutes):
         self._busy = BusyRate()  # the end-to-end rate while the detectors were kept full
         self._hops = HopReserve()  # what served items spent outside the detector's stages
         self._lag = LoopLag()  # what they wait on this event loop outside the gateway's own clock
+        self._served = ServedRate()  # what is really answered with a result: refused clients are spread at it
+        self._proxy_wait = HopReserve()  # what stamped requests waited in the proxy (shown in /v1/info)
+        self._node = node_id()  # arrival stamps of the proxy on this node are trusted (deployments.proxy_stamp)
 
     # -- what the detector says ---------------------------------------------------------
     async def _call(self, method: str, *args: Any) -> Any:
@@ -147,14 +151,23 @@ class DetectorGateway(RegistryRoutes, ConsoleRoutes):
         return await read_inference_body(request, s.max_body_bytes, self._token, s.auth_inference), s
 
     # -- one item, with its deadline ----------------------------------------------------------
-    async def detect(self, item: DetectRequest, budget_s: float) -> ItemResult:
-        """``item`` to a detector replica within ``budget_s``; a replica lost under it costs one retry
-        (Serve routes it to another replica, or waits for the restarted one) while time is left."""
+    async def detect(self, item: DetectRequest, budget_s: float, arrived: str | None = None) -> ItemResult:
+        """``item`` to a detector replica within ``budget_s``, counted from the proxy's ``arrived`` stamp
+        where it has one; a replica lost under it costs one retry (Serve routes it to another replica, or
+        waits for the restarted one) while time is left."""
         start = time.monotonic()
+        waited = arrival_wait_s(arrived, here=self._node, now=start, budget_s=budget_s)  # in the proxy, unseen here
         self._lag.start()
-        due = start + budget_s - self._lag.reserve_s(budget_s)  # an answer later than this reaches the client late
+        due = start - waited + budget_s - self._lag.reserve_s(budget_s)  # an answer later than this reaches the client late
         usable = due - start - self._hops.reserve_s(budget_s)  # the rest is kept for the way back
+        if arrived is not None and waited:
+            self._proxy_wait.observe(waited)
         try:
+            if usable <= 0:
+                self.counters["refused_here"] += 1
+                raise Overloaded(f"overloaded: the request waited {waited:.2f} s in the HTTP proxy before the gateway "
+                                 f"saw it, too much of its {budget_s:.2f} s deadline to be served in time; retry",
+                                 retry_after_s=1.0)
             self._admit(usable)
             self._track(+1)
             served = 0
@@ -164,8 +177,11 @@ class DetectorGateway(RegistryRoutes, ConsoleRoutes):
             finally:
                 self._track(-1, completed=served)
         except Overloaded as refused:  # its place among the clients refused lately sets its Retry-After
-            raise refused.later(self._refused.ticket(self._capacity(), time.monotonic())) from None
+            now = time.monotonic()
+            rate = self._served.current(now)
+            raise refused.later(self._refused.ticket(self._capacity() if rate is None else rate, now)) from None
         took = time.monotonic() - start
+        self._served.served(start + took)
         t = result.timings
         self._hops.observe(took - (t.queue_s + t.preprocess_s + t.inference_s + t.postprocess_s))
         return result
@@ -243,7 +259,7 @@ class DetectorGateway(RegistryRoutes, ConsoleRoutes):
         start = time.perf_counter()
         body, s = await self._body(request)
         budget = request_budget_s(request.headers, None, default_s=s.deadline_s, max_s=s.max_deadline_s)
-        result = await self.detect(DetectRequest.encoded(body), budget)
+        result = await self.detect(DetectRequest.encoded(body), budget, request.headers.get(ARRIVED_HEADER))
         return Response(orjson.dumps(result.to_json()), media_type="application/json",  # orjson: 25x cheaper than json.dumps
                         headers={"Server-Timing": f"gateway;dur={(time.perf_counter() - start) * 1000:.1f}"})
 
@@ -258,7 +274,8 @@ class DetectorGateway(RegistryRoutes, ConsoleRoutes):
         info["gateway"] = {**self.counters,
                            "busy_rate_items_s": None if rate is None else round(rate, 2),
                            "hop_reserve_s": round(self._hops.reserve_s(3600.0), 4),
-                           "loop_lag_reserve_s": round(self._lag.reserve_s(3600.0), 4)}
+                           "loop_lag_reserve_s": round(self._lag.reserve_s(3600.0), 4),
+                           "proxy_wait_mean_s": round(self._proxy_wait.mean_s or 0.0, 4)}
         return info
 
     # -- /v2: Open Inference Protocol (KServe / Triton HTTP) -------------------------------------
@@ -305,7 +322,8 @@ class DetectorGateway(RegistryRoutes, ConsoleRoutes):
         req = await self._v2_decoder.decode(body, request.headers, sig, s.max_body_bytes)  # client mistakes: 400
         budget = request_budget_s(request.headers, req.parameters, default_s=s.deadline_s, max_s=s.max_deadline_s)
         images = req.inputs["images"]
-        results = await asyncio.gather(*(self.detect(DetectRequest.tensor(row), budget) for row in images))
+        arrived = request.headers.get(ARRIVED_HEADER)
+        results = await asyncio.gather(*(self.detect(DetectRequest.tensor(row), budget, arrived) for row in images))
         output = np.stack([r.output for r in results])
         payload, headers = encode_infer_response(sig.name, sig.versions[0], {"output0": output}, req)
         return Response(content=payload, headers=headers, media_type=headers.get("Content-Type", "application/json"))

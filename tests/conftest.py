@@ -20,9 +20,9 @@ os.environ.setdefault("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # throwaway test cluster on loopback
 
 from app.state import StateDir
-from deployments.config_file import INLINE_OBJECT_ENV
+from deployments.config_file import NODE_ENV
 
-for _k, _v in INLINE_OBJECT_ENV.items():  # the test cluster passes objects as `edgebatch up`'s does
+for _k, _v in NODE_ENV.items():  # the test cluster passes objects and stamps arrivals as `edgebatch up`'s does
     os.environ.setdefault(_k, _v)
 
 

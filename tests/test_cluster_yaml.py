@@ -151,3 +151,15 @@ def test_head_runs_the_autoscaler_that_starts_every_listed_worker(cluster):
 def test_the_head_serves_the_registry_every_node_reads(cluster):
     registry = next(c for c in cluster["head_start_ray_commands"] if "mlflow server" in c)
     assert "--host 0.0.0.0 --port 5000" in registry and "/health" in registry  # started once, reachable
+
+
+def test_every_start_command_exports_what_edgebatch_up_gives_its_own_ray(cluster):
+    """The proxies and replicas of a `ray up` cluster must run as those of `edgebatch up` do: objects
+    passed inline, and Serve's proxies stamping each request's arrival for the gateway's deadline."""
+    from deployments.config_file import NODE_ENV
+
+    starts = [next(c for c in cluster[key] if "ray start" in c)
+              for key in ("head_start_ray_commands", "worker_start_ray_commands")]
+    for start in starts:
+        for name, value in NODE_ENV.items():
+            assert f"{name}={value}" in start and start.index(name) < start.index("ray start"), (name, start)

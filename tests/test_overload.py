@@ -151,3 +151,21 @@ def test_the_batch_time_an_item_must_have_left_covers_the_spread_of_batch_times(
     for k in range(40):
         steady.observe(4, 0.2, concurrent=2, now=float(k), backlog=0)
     assert abs(steady.batch_time_s() - 0.2) < 0.01  # steady batches: the bound is the batch time itself
+
+
+def test_refused_clients_are_spread_at_the_rate_really_served_so_a_path_serving_nothing_drains():
+    """Before: with nothing kept full, tickets used the detector's own batch rate, faster than Serve's
+    proxy carried under 200 clients; refused clients came back at once and goodput fell to nothing."""
+    from app.overload import RefusedClients, ServedRate
+
+    served = ServedRate(window_s=1.0, alpha=1.0)
+    assert served.current(0.0) is None  # nothing measured: the caller falls back to the detector's rate
+    for k in range(20):
+        served.served(k * 0.05)  # 20 served in the first second
+    assert served.current(1.0) == pytest.approx(20.0)
+    assert served.current(3.0) == pytest.approx(0.0)  # two seconds with nothing served count as zeros
+    tickets = RefusedClients(max_wait_s=30.0)
+    waits = [tickets.ticket(served.current(3.0), 3.0) for _ in range(200)]
+    assert waits[-1] == pytest.approx(30.0)  # nothing served: refused clients stay away as long as allowed
+    busy = RefusedClients(max_wait_s=30.0)
+    assert max(busy.ticket(20.0, 3.0) for _ in range(200)) == pytest.approx(10.0)  # 200 at 20/s: the last in 10 s
