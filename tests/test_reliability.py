@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.config import DetectorConfig
 from app.demo.video import write_sample_video
 from tests.conftest import wait_for
 
@@ -251,7 +252,8 @@ def test_killing_the_detector_under_load_answers_every_request_in_json(serve_app
     base = serve_app["url"]
     before = httpx.get(f"{base}/v1/info", timeout=30).json()
     old = before["pid"]
-    with Clients(base, clients=4) as load:
+    default_s = DetectorConfig().deadline_s  # the product's default; the test cluster's own is longer
+    with Clients(base, clients=4, headers={"X-Request-Timeout": str(default_s)}) as load:
         wait_for(lambda: sum(r["status"] == 200 for r in load.replies) >= 8, 60, "requests served before the kill")
         killed_at = time.monotonic()
         os.kill(old, signal.SIGKILL)

@@ -352,11 +352,11 @@ def test_large_json_bodies_do_not_stall_other_clients(serve_app):
     pinger.start()
     try:
         with ThreadPoolExecutor(3) as pool:
-            codes = [r.status_code for r in pool.map(lambda _: _v2(url, body), range(3))]
+            replies = list(pool.map(lambda _: _v2(url, body), range(3)))
     finally:
         stop.set()
         pinger.join()
-    assert codes == [200, 200, 200]
+    assert [r.status_code for r in replies] == [200, 200, 200], [r.text[:300] for r in replies if r.status_code != 200]
     # on the event loop each parse held the replica for about 2 s here; off it, pings keep answering
     assert worst[0] < 1.5, f"a health check waited {worst[0]:.2f} s behind large JSON bodies"
 

@@ -137,7 +137,9 @@ def test_serve_deploy_user_config_change_keeps_replica_and_applies_batch_size(se
     def burst():
         with cf.ThreadPoolExecutor(8) as pool:
             replies = pool.map(lambda _: httpx.post(f"{url}/v1/detect", content=jpeg, timeout=60), range(8))
-            return [r.json()["items_in_batch"] for r in replies]
+            replies = list(replies)
+        assert all(r.status_code == 200 for r in replies), [r.text[:300] for r in replies if r.status_code != 200]
+        return [r.json()["items_in_batch"] for r in replies]
 
     assert max(burst()) == 1
     uc.update({"max_batch_size": 8, "batch_wait_timeout_s": 0.2})
