@@ -19,6 +19,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # throwaway test cluster on loopback
 
+from app.config import DetectorConfig
 from app.state import StateDir
 from deployments.config_file import NODE_ENV
 
@@ -98,7 +99,7 @@ def ray_cluster(state):
 # working (a JSON 503), which made tests about batching, swaps and parsing fail by chance. Tests
 # about the deadline itself ask their own budget (X-Request-Timeout); the Detector-kill test asks
 # for the product's default, so that what the killed replica held is answered within it.
-TEST_DETECTOR_SETTINGS = {"alias_poll_s": 0.5, "deadline_s": 30.0}
+TEST_DETECTOR_SETTINGS = {"alias_poll_s": 0.5, "deadline_s": DetectorConfig().max_deadline_s}
 
 
 @pytest.fixture(scope="session")

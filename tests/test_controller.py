@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
+from app.config import DetectorConfig
 from app.detector import VariantPool
 from app.engines.base import ModelVariant
 from deployments.controller import (
@@ -438,7 +439,7 @@ class Load:
     refused config fails no request, and a stall of the shared CI cores past the default 3 s budget
     would be the deadline working (a JSON 503), not a swap failing. What any non-200 said is kept."""
 
-    DEADLINE_S = 30  # the default max_deadline_s: the longest budget a client may ask for
+    DEADLINE_S = DetectorConfig().max_deadline_s  # the longest budget a client may ask for
 
     def __init__(self, url: str, clients: int = 6) -> None:
         from app.bench.images import sample_jpegs

@@ -20,6 +20,7 @@ import httpx
 import pytest
 import yaml
 
+from app.config import DetectorConfig
 from app.instance import InstanceRecord, free_port, port_free
 from app.state import StateDir
 from deployments.cluster import head_processes
@@ -59,7 +60,10 @@ def info(url: str) -> dict:
 
 
 def detect(url: str, jpeg: bytes) -> httpx.Response:
-    return httpx.post(f"{url}/v1/detect", content=jpeg, headers={"Content-Type": "image/jpeg"}, timeout=60)
+    """One image, asking the longest deadline a client may (max_deadline_s): these tests are about
+    instances and configs, and on CI's two cores a stall past the 3 s default is the deadline working."""
+    headers = {"Content-Type": "image/jpeg", "X-Request-Timeout": str(DetectorConfig().max_deadline_s)}
+    return httpx.post(f"{url}/v1/detect", content=jpeg, headers=headers, timeout=60)
 
 
 @pytest.fixture(scope="module")
